@@ -1,0 +1,3 @@
+from minisgl_cli.cli.app import main
+
+main()
