@@ -1,0 +1,34 @@
+"""Shared test setup.
+
+Every test session gets its own model cache (MINISGL_CACHE), so tests never touch ~/.cache and the
+embedded default model is converted at most once per session, whichever test needs it first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("minisgl-cache")
+    old = os.environ.get("MINISGL_CACHE")
+    os.environ["MINISGL_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("MINISGL_CACHE", None)
+    else:
+        os.environ["MINISGL_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(_session_cache: Path) -> Path:
+    """The embedded default (SmolLM2-135M-Instruct) as an HF-style directory, converted once per session."""
+    from minisgl_cli.model_source import resolve_model
+
+    source = resolve_model(None)
+    assert source.path is not None
+    return source.path
