@@ -208,7 +208,16 @@ def test_stop_string_on_detokenized_multibyte_text(tokenizer: Any) -> None:
 def test_stop_matcher_equals_cutting_the_whole_text(text: str, stops: list[str], cuts: list[int]) -> None:
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     deltas = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    # Reference: generation ends at the first delta after which the text so far contains a stop string,
+    # and the output is that text cut before the earliest stop string in it. (A stop that would start
+    # earlier but complete only later is never reached: generation has ended by then.)
+    expected, expect_stop, seen = text, False, ""
+    for delta in deltas:
+        seen += delta
+        hits = [i for i in (seen.find(s) for s in stops) if i >= 0]
+        if hits:
+            expected, expect_stop = seen[: min(hits)], True
+            break
     out, stopped = run_stops(stops, deltas)
-    assert stopped == bool(hits)
-    assert "".join(out) == (text[: min(hits)] if hits else text)
+    assert stopped == expect_stop
+    assert "".join(out) == expected
