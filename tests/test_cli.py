@@ -358,7 +358,17 @@ def test_print_table_shows_cells_verbatim(capsys: pytest.CaptureFixture[str]) ->
     assert _table_rows(out) == [["a", "[bold]x[/bold]"], ["b", "2"]]
 
 
-def test_progress_shows_counts_rate_and_eta(capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_is_silent_when_stderr_is_not_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    with ui.progress() as bar:
+        task = bar.add_task("generate", total=3)
+        bar.advance(task)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_shows_counts_rate_and_eta(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ui.err_console, "_force_terminal", True)
     with ui.progress() as bar:
         task = bar.add_task("generate", total=3)
         for _ in range(3):

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import typer
 
 from minisgl_cli import __version__
-from minisgl_cli.cli import config_cmd, ui
+from minisgl_cli.cli import config_cmd, convert, generate, ui
 
 app = typer.Typer(
     name="minisgl",
@@ -54,6 +54,8 @@ def main_options(
 
 # Subcommands: one line each.
 app.add_typer(config_cmd.app, name="config")
+app.command("convert")(convert.convert)
+app.command("generate")(generate.generate)
 
 
 def main(argv: list[str] | None = None) -> None:

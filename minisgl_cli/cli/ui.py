@@ -103,6 +103,8 @@ def progress(transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=err_console,
         transient=transient,
+        # Off when stderr is a file or pipe: no escape codes or stray blank lines in logs.
+        disable=not err_console.is_terminal,
     )
 
 

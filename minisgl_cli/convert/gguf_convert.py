@@ -1,0 +1,94 @@
+"""GGUF file -> HF model directory (config, generation config, tokenizer, safetensors)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from gguf import GGMLQuantizationType
+
+from minisgl_cli.convert.atomic_dir import atomic_output_dir, check_output
+from minisgl_cli.convert.dtypes import parse_dtype
+from minisgl_cli.convert.gguf_config import GGUFModelInfo, generation_config, hf_config, read_model_info
+from minisgl_cli.convert.gguf_file import GGUFFile, open_gguf
+from minisgl_cli.convert.gguf_names import (
+    ROPE_FREQS,
+    hf_name,
+    permuted_heads,
+    required_tensors,
+    unpermute_rows,
+)
+from minisgl_cli.convert.gguf_tokenizer import write_tokenizer
+from minisgl_cli.convert.safetensors_out import ProgressFn, TensorSpec, write_safetensors
+from minisgl_cli.errors import MinisglError
+
+
+def convert_gguf(
+    src: Path, out: Path, dtype: str = "auto", force: bool = False, progress: ProgressFn | None = None
+) -> Path:
+    """Convert the GGUF file `src` into the HF model directory `out`; returns `out`.
+
+    dtype "auto" keeps float32 when any matrix is quantized or F32 (dequantized values stay exact), and
+    the file's F16/BF16 otherwise.
+    """
+    src, out = Path(src), Path(out)
+    target = parse_dtype(dtype)
+    check_output(out, force, src)
+    gguf = open_gguf(src)
+    info = read_model_info(gguf)
+    _check_tensors(gguf, info)
+    target = target or _auto_dtype(gguf)
+    specs = _tensor_specs(gguf, info, target)
+    with atomic_output_dir(out, force, src) as tmp:
+        _write_json(tmp / "config.json", hf_config(info, target))
+        _write_json(tmp / "generation_config.json", generation_config(info))
+        write_tokenizer(gguf, tmp, info.max_position_embeddings)
+        write_safetensors(tmp, specs, progress)
+    return out
+
+
+def _check_tensors(gguf: GGUFFile, info: GGUFModelInfo) -> None:
+    # Up front, so a bad file fails in a second rather than after minutes of dequantizing.
+    missing = [
+        name for name in required_tensors(info.architecture, info.num_layers) if name not in gguf.tensors
+    ]
+    if missing:
+        raise MinisglError(f"{gguf.path} lacks tensor '{missing[0]}' ({len(missing)} missing in all)")
+    for name in gguf.tensors:
+        gguf.check_dequantizable(name)
+
+
+def _auto_dtype(gguf: GGUFFile) -> torch.dtype:
+    matrix_types = {t.tensor_type for t in gguf.tensors.values() if len(t.shape) == 2}
+    if matrix_types == {GGMLQuantizationType.F16}:
+        return torch.float16
+    if matrix_types == {GGMLQuantizationType.BF16}:
+        return torch.bfloat16
+    return torch.float32
+
+
+def _tensor_specs(gguf: GGUFFile, info: GGUFModelInfo, dtype: torch.dtype) -> list[TensorSpec]:
+    specs = []
+    for name in gguf.tensors:
+        if name == ROPE_FREQS:
+            continue  # already folded into config.json's rope_scaling
+        heads = permuted_heads(info.architecture, name, info.num_heads, info.num_kv_heads)
+        specs.append(TensorSpec(hf_name(name), gguf.shape(name), dtype, _loader(gguf, name, heads, dtype)))
+    return specs
+
+
+def _loader(gguf: GGUFFile, name: str, heads: int | None, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        tensor = gguf.load(name)
+        if heads is not None:
+            tensor = unpermute_rows(tensor, heads)
+        return tensor.to(dtype)
+
+    return load
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
