@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from minisgl_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from minisgl_cli.engine.penalties import PenaltyState
 
 
 @dataclass
@@ -64,3 +68,92 @@ class SamplingParams:
             raise bad("logprobs", "an integer in [0, 20]")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise bad("stop", "non-empty strings")
+
+
+class FinishReason:
+    """Why a request ended (OpenAI's names)."""
+
+    STOP = "stop"  # eos, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"  # cancelled by its caller (a client that went away)
+
+
+@dataclass(eq=False)
+class Req:
+    """One request inside the scheduler: its tokens, its KV pages and how far its KV is computed.
+
+    `token_ids` is prompt + generated so far. The first `num_computed` of them have their K/V in the pool;
+    the rest are fed in the next step(s): a whole or chunked prompt when admitted, the last sampled token
+    while decoding, prompt + generated again after a preemption (so prefill and decode are one code path).
+    """
+
+    rid: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    max_new_tokens: int  # sampling.max_tokens clipped to what the context length (and KV pool) leaves
+    seed: int  # the sampler's per-request seed: the user's, or one drawn by the scheduler
+    token_ids: list[int] = field(default_factory=list)
+    # KV state, owned by the scheduler: valid while the request is running.
+    row: int = -1  # page-table row, -1 while it holds none
+    pages: list[int] = field(default_factory=list)  # KV pages, in position order
+    num_computed: int = 0
+    num_mapped: int = 0  # leading positions whose slots are written into the page-table row
+    num_cached: int = 0  # prompt tokens whose K/V came from the prefix cache (usage.cached_tokens)
+    cache_handle: object | None = None  # the prefix cache's lock on the matched prefix
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    # Token counts for penalties, on the device; made on the first sampling step of a penalised request.
+    penalty_state: PenaltyState | None = None
+    # (chosen token's logprob, top-N as (token id, logprob) pairs) per generated token, when asked for.
+    output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens still to be fed before the next token can be sampled."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Batch:
+    """What one step runs: each request feeds `extend_lens[i]` tokens from its `num_computed` on.
+
+    `samples[i]` says whether request i samples a token this step: only when its chunk reaches the end of its
+    tokens (a partial prefill chunk just fills the KV cache). Fixed at construction, before the step commits.
+    """
+
+    reqs: list[Req]
+    extend_lens: list[int]
+    is_prefill: bool
+    samples: list[bool] = field(init=False)
+
+    def __post_init__(self) -> None:
+        pairs = zip(self.reqs, self.extend_lens, strict=True)
+        self.samples = [r.num_computed + n == r.seq_len for r, n in pairs]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.extend_lens)

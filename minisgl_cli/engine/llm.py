@@ -1,0 +1,204 @@
+"""LLM: the in-process engine API (generate, iter_outputs, stream), used by `minisgl generate/chat/bench`.
+
+It wires the pieces and owns none of their logic: the model source and tokenizer, a ModelRunner (weights,
+KV pool, page table), a Scheduler (batching, KV pages, sampling, token stops) and one OutputBuilder per
+request (detokenization, stop strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from minisgl_cli.config import EngineConfig
+from minisgl_cli.engine.outputs import OutputBuilder, RequestOutput
+from minisgl_cli.engine.request import FinishReason, SamplingParams
+from minisgl_cli.engine.tokenize import Prompt, encode_prompt, split_prompts
+from minisgl_cli.errors import MinisglError, UsageError
+
+# What the API accepts: one prompt or a list; one SamplingParams for all, one per prompt, or defaults.
+Prompts = Prompt | Sequence[Prompt]
+Sampling = SamplingParams | Sequence[SamplingParams] | None
+# Files any one of which means a directory carries a tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class LLM:
+    """An inference engine in this process.
+
+    `LLM()` runs the embedded SmolLM2; `LLM("path/or/id", page_size=16, ...)` takes any EngineConfig field
+    as a keyword. Outputs come back in input order (`generate`), in completion order (`iter_outputs`), or
+    as text deltas (`stream`). One call runs at a time.
+    """
+
+    def __init__(self, model: str | None = None, **overrides: Any) -> None:
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise UsageError(f"unknown engine setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        self._start(EngineConfig(**{**overrides, "model": model}))
+
+    @classmethod
+    def from_config(cls, engine: EngineConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm._start(engine)
+        return llm
+
+    def _start(self, cfg: EngineConfig) -> None:
+        # Heavy imports here, so importing this module (e.g. for its types) stays cheap.
+        from minisgl_cli.engine.device import resolve_device, resolve_dtype
+        from minisgl_cli.engine.kv.naive_cache import NaiveCache
+        from minisgl_cli.engine.model_runner import ModelRunner
+        from minisgl_cli.engine.models.config import ModelConfig
+        from minisgl_cli.engine.scheduler import Scheduler
+        from minisgl_cli.model_source import resolve_model
+
+        if cfg.tp != 1:
+            raise UsageError(
+                f"tp={cfg.tp}: the in-process LLM runs on one device; tensor parallelism needs `minisgl serve`"
+            )
+        self.config = cfg
+        source = resolve_model(cfg.model, cfg.dummy_weights)
+        self.model_name = source.name
+        model_config = ModelConfig.from_hf(source.hf_config)
+        self.tokenizer = _load_tokenizer(source.path)
+        device = resolve_device(cfg.device)
+        context_len = model_config.max_position_embeddings
+        if cfg.context_length is not None:
+            context_len = min(context_len, cfg.context_length)
+        self.runner = ModelRunner(
+            model_config,
+            None if cfg.dummy_weights else source.path,
+            dtype=resolve_dtype(cfg.dtype, device),
+            device=device,
+            page_size=cfg.page_size,
+            max_running_requests=cfg.max_running_requests,
+            max_context_len=context_len,
+            kv_cache_tokens=cfg.kv_cache_tokens,
+            kv_cache_gb=cfg.kv_cache_gb,
+            mem_fraction=cfg.mem_fraction,
+            attention_backend=cfg.attention_backend,
+            random_seed=cfg.random_seed,
+        )
+        # The radix cache (cache_type "radix", the default) comes with prefix caching; until then both
+        # settings run without prefix reuse.
+        cache = NaiveCache(cfg.page_size)
+        eos = list(dict.fromkeys(model_config.eos_token_ids + _generation_eos(source.path)))
+        self.scheduler = Scheduler(
+            self.runner,
+            cache,
+            max_prefill_tokens=cfg.max_prefill_tokens,
+            eos_token_ids=eos,
+            random_seed=cfg.random_seed,
+        )
+        self._busy = False
+
+    # ---- the API
+
+    def generate(self, prompts: Prompts, sampling: Sampling = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in input order."""
+        return sorted(self.iter_outputs(prompts, sampling), key=lambda out: out.index)
+
+    def iter_outputs(self, prompts: Prompts, sampling: Sampling = None) -> Iterator[RequestOutput]:
+        """Each request's output as soon as it finishes (completion order; `index` says which prompt)."""
+        for builder, _delta in self._run(prompts, sampling):
+            if builder.req.finished:
+                yield builder.output()
+
+    def stream(self, prompts: Prompts, sampling: Sampling = None) -> Iterator[tuple[int, str]]:
+        """(prompt index, text delta) as text is produced; a request's deltas concatenate to its output text."""
+        for builder, delta in self._run(prompts, sampling):
+            if delta:
+                yield builder.index, delta
+
+    # ---- the loop
+
+    def _run(self, prompts: Prompts, sampling: Sampling) -> Iterator[tuple[OutputBuilder, str]]:
+        """Step the scheduler until this call's requests finish; (builder, text delta) per new token.
+
+        A caller that stops iterating early aborts its remaining requests, so they free their KV pages.
+        """
+        if self._busy:
+            raise MinisglError(
+                "this LLM is already running a call: finish or close the previous iterator first"
+            )
+        builders = self._submit(prompts, sampling)
+        live = {b.req.rid: b for b in builders}
+        self._busy = True
+        try:
+            while live:
+                if not self.scheduler.has_work:  # a bug, not bad input
+                    raise RuntimeError("the scheduler dropped requests it had not finished")
+                for req in self.scheduler.step():
+                    builder = live[req.rid]
+                    delta = builder.update()
+                    if builder.stop_matched:
+                        self.scheduler.finish(req, FinishReason.STOP)
+                    if req.finished:
+                        delta += builder.finish()
+                        del live[req.rid]
+                    yield builder, delta
+        finally:
+            for builder in live.values():
+                self.scheduler.finish(builder.req, FinishReason.ABORT)
+            self._busy = False
+
+    def _submit(self, prompts: Prompts, sampling: Sampling) -> list[OutputBuilder]:
+        """Tokenize and queue every prompt, or none of them: bad input raises before any work."""
+        items = split_prompts(prompts)
+        params = _sampling_list(sampling, len(items))
+        if self.tokenizer is None and any(sp.stop for sp in params):
+            raise UsageError("stop strings need a tokenizer and this model has none: use stop_token_ids")
+        vocab_size = self.runner.model_config.vocab_size
+        ids = [encode_prompt(p, self.tokenizer, vocab_size) for p in items]
+        builders: list[OutputBuilder] = []
+        try:
+            for index, (prompt_ids, sp) in enumerate(zip(ids, params, strict=True)):
+                builders.append(OutputBuilder(index, self.scheduler.add(prompt_ids, sp), self.tokenizer))
+        except UsageError:
+            for b in builders:
+                self.scheduler.finish(b.req, FinishReason.ABORT)
+            raise
+        return builders
+
+
+def _sampling_list(sampling: Sampling, n: int) -> list[SamplingParams]:
+    if sampling is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(sampling, SamplingParams):
+        return [sampling] * n
+    params = list(sampling)
+    if len(params) != n:
+        raise UsageError(
+            f"got {len(params)} sampling parameter sets for {n} prompts: give one, or one per prompt"
+        )
+    return params
+
+
+def _load_tokenizer(path: Path | None) -> Any | None:
+    """The model directory's tokenizer; None for a built-in shape or a directory without tokenizer files."""
+    if path is None or not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise MinisglError(f"cannot load the tokenizer of {path}: {exc}") from exc
+
+
+def _generation_eos(path: Path | None) -> list[int]:
+    """eos ids from generation_config.json, which chat models often extend beyond config.json's."""
+    file = path / "generation_config.json" if path is not None else None
+    if file is None or not file.is_file():
+        return []
+    try:
+        value = json.loads(file.read_text()).get("eos_token_id")
+    except (OSError, json.JSONDecodeError):
+        return []
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]

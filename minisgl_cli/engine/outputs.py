@@ -1,0 +1,98 @@
+"""What a finished request returns (RequestOutput), and OutputBuilder, which turns a request's tokens into
+text as they arrive: incremental detokenization, then stop strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from minisgl_cli.engine.detokenizer import IncrementalDetokenizer
+from minisgl_cli.engine.request import FinishReason, Req
+from minisgl_cli.engine.stop import StopMatcher
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]]  # the N most likely (token id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    index: int  # position of the prompt in the call's input
+    text: str
+    token_ids: list[int]  # generated ids, including the eos / stop token / token completing a stop string
+    finish_reason: str  # "stop" or "length"
+    usage: Usage
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+
+
+class OutputBuilder:
+    """One request's text, built as its tokens arrive. Without a tokenizer the text stays ""."""
+
+    def __init__(self, index: int, req: Req, tokenizer: Any | None) -> None:
+        self.index = index
+        self.req = req
+        self._detok = IncrementalDetokenizer(tokenizer, req.prompt_ids) if tokenizer is not None else None
+        self._stop = StopMatcher(req.sampling.stop) if req.sampling.stop and tokenizer is not None else None
+        self._parts: list[str] = []
+        self._num_seen = 0  # generated tokens already detokenized
+        self.stop_matched = False
+
+    def update(self) -> str:
+        """The text delta of the tokens generated since the last call. After it, check `stop_matched`: the
+        caller then finishes the request (its token_ids end with the token that completed the stop)."""
+        start = self.req.prompt_len + self._num_seen
+        new = self.req.token_ids[start:]
+        self._num_seen += len(new)
+        if self._detok is None or self.stop_matched or not new:
+            return ""
+        return self._emit(self._detok.push(new))
+
+    def finish(self) -> str:
+        """The text still held back, once the request has finished (an incomplete character, a possible
+        beginning of a stop string that never completed)."""
+        if self._detok is None or self.stop_matched:
+            return ""
+        tail = self._emit(self._detok.flush())
+        if self._stop is not None and not self.stop_matched:
+            held = self._stop.flush()
+            self._parts.append(held)
+            tail += held
+        return tail
+
+    def output(self) -> RequestOutput:
+        req = self.req
+        token_ids = req.output_ids
+        logprobs = None
+        if req.sampling.logprobs is not None:
+            logprobs = [
+                TokenLogprob(token_id=t, logprob=lp, top_logprobs=top)
+                for t, (lp, top) in zip(token_ids, req.output_logprobs, strict=True)
+            ]
+        reason = FinishReason.STOP if self.stop_matched else req.finish_reason
+        assert reason is not None, "output() of an unfinished request"
+        return RequestOutput(
+            index=self.index,
+            text="".join(self._parts),
+            token_ids=token_ids,
+            finish_reason=reason,
+            usage=Usage(
+                prompt_tokens=req.prompt_len, completion_tokens=len(token_ids), cached_tokens=req.num_cached
+            ),
+            logprobs=logprobs,
+        )
+
+    def _emit(self, text: str) -> str:
+        if self._stop is not None and text:
+            text, self.stop_matched = self._stop.feed(text)
+        self._parts.append(text)
+        return text

@@ -1,0 +1,269 @@
+"""Scheduler: continuous batching with chunked prefill, admission by free KV pages, and preemption.
+
+One `step()`: pick a batch, run the model on it, sample, append the tokens, retire finished requests.
+Picking a batch (`schedule()`), in order:
+  1. prefill, under a budget of `max_prefill_tokens` new tokens: first the requests whose prompt is part
+     computed (chunked earlier), then waiting requests in arrival order while a page-table row and KV pages
+     for their prompt plus one new token are free; the last one admitted may get only a chunk of its prompt;
+  2. else decode: one token for every running request. A request that needs a page when none is free
+     preempts the newest running request: its pages are given back and it waits at the front of the queue
+     with prompt + generated tokens as the prompt to recompute, so its output continues where it stopped.
+Prefill and decode tokens are not mixed in one step (simpler; the ForwardBatch allows mixing later).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from minisgl_cli.engine.kv.prefix_cache import PrefixCache
+from minisgl_cli.engine.penalties import PenaltyState, needs_penalties
+from minisgl_cli.engine.request import Batch, FinishReason, Req, SamplingParams
+from minisgl_cli.engine.sampling import SampledToken, SamplingBatch, sample
+from minisgl_cli.engine.step_inputs import prepare_step
+from minisgl_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from minisgl_cli.engine.model_runner import ModelRunner
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    tokens_prefilled: int  # prompt (and recomputed) tokens run through the model
+    tokens_decoded: int  # tokens run in decode steps
+    tokens_generated: int  # tokens sampled
+    num_preemptions: int
+    pages_used: int
+    pages_total: int
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        cache: PrefixCache,
+        *,
+        max_prefill_tokens: int,
+        eos_token_ids: list[int],
+        random_seed: int = 0,
+    ) -> None:
+        self.runner = runner
+        self.cache = cache
+        self.allocator = runner.allocator
+        self.page_table = runner.page_table
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_running_requests = self.page_table.max_running_requests
+        self.context_len = self.page_table.max_context_len
+        # A request must fit in the pool on its own, or it could never run: cap its length by both.
+        self.max_seq_len = min(self.context_len, self.allocator.num_usable * self.allocator.page_size)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []  # in admission order, oldest first
+        self._rids = itertools.count()
+        # Seeds for requests that give none: reproducible for a given engine seed and submission order.
+        self._seed_rng = random.Random(random_seed)
+        self._tokens_prefilled = self._tokens_decoded = self._tokens_generated = self._num_preemptions = 0
+
+    # ---- requests in and out
+
+    def add(self, prompt_ids: list[int], sampling: SamplingParams) -> Req:
+        """Queue a request; UsageError if its prompt leaves no room for one new token."""
+        if len(prompt_ids) >= self.max_seq_len:
+            limit = (
+                f"the context length is {self.context_len}"
+                if self.max_seq_len == self.context_len
+                else f"the KV cache holds {self.max_seq_len} tokens"
+            )
+            raise UsageError(
+                f"the prompt has {len(prompt_ids)} tokens and {limit}: "
+                "it must be shorter to leave room for at least one new token"
+            )
+        req = Req(
+            rid=next(self._rids),
+            prompt_ids=list(prompt_ids),
+            sampling=sampling,
+            max_new_tokens=min(sampling.max_tokens, self.max_seq_len - len(prompt_ids)),
+            seed=sampling.seed if sampling.seed is not None else self._seed_rng.getrandbits(63),
+        )
+        self.waiting.append(req)
+        return req
+
+    def finish(self, req: Req, reason: str) -> None:
+        """Retire a request now (also for callers: a stop string matched, a client went away)."""
+        if req.finished:
+            return
+        req.finish_reason = reason
+        if req.row >= 0:
+            self.running.remove(req)
+            self._release(req)
+        else:
+            self.waiting.remove(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            tokens_prefilled=self._tokens_prefilled,
+            tokens_decoded=self._tokens_decoded,
+            tokens_generated=self._tokens_generated,
+            num_preemptions=self._num_preemptions,
+            pages_used=self.allocator.num_usable - self.allocator.num_free,
+            pages_total=self.allocator.num_usable,
+        )
+
+    # ---- one step
+
+    def step(self) -> list[Req]:
+        """Schedule and run one batch; return the requests that got a new token (finished ones included)."""
+        batch = self.schedule()
+        return self.run_batch(batch) if batch is not None else []
+
+    def run_batch(self, batch: Batch) -> list[Req]:
+        """Forward, sample, append the tokens and retire finished requests of a batch from `schedule()`."""
+        inputs = prepare_step(batch, self.allocator, self.page_table, self.runner.device)
+        logits = self.runner.forward(inputs.forward_batch)
+        if inputs.sample_rows is not None:
+            logits = logits[inputs.sample_rows]
+        sampling_reqs = [r for r, s in zip(batch.reqs, batch.samples, strict=True) if s]
+        sampled = self._sample(sampling_reqs, logits) if sampling_reqs else []
+
+        for req, n in zip(batch.reqs, batch.extend_lens, strict=True):
+            req.num_computed += n
+        if batch.is_prefill:
+            self._tokens_prefilled += batch.num_tokens
+        else:
+            self._tokens_decoded += batch.num_tokens
+        for req, tok in zip(sampling_reqs, sampled, strict=True):
+            req.token_ids.append(tok.token_id)
+            if tok.logprob is not None:
+                req.output_logprobs.append((tok.logprob, tok.top_logprobs or []))
+            self._tokens_generated += 1
+            reason = self._finish_reason(req, tok.token_id)
+            if reason is not None:
+                self.finish(req, reason)
+        return sampling_reqs
+
+    def _sample(self, reqs: list[Req], logits: torch.Tensor) -> list[SampledToken]:
+        for req in reqs:
+            if req.penalty_state is None and needs_penalties(req.sampling):
+                # Once per request: `commit` keeps it current, and a preemption does not change the history.
+                req.penalty_state = PenaltyState.create(
+                    req.prompt_ids, logits.shape[1], logits.device, req.output_ids
+                )
+        sb = SamplingBatch.build(
+            [r.sampling for r in reqs],
+            [r.seed for r in reqs],
+            [r.num_output for r in reqs],
+            device=logits.device,
+            penalty_states=[r.penalty_state for r in reqs],
+        )
+        out = sample(logits, sb)
+        sb.commit(out.token_ids)
+        return out.to_host()  # the step's one device->host copy
+
+    def _finish_reason(self, req: Req, token: int) -> str | None:
+        if token in req.sampling.stop_token_ids or (
+            token in self.eos_token_ids and not req.sampling.ignore_eos
+        ):
+            return FinishReason.STOP
+        if req.num_output >= req.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    # ---- picking a batch
+
+    def schedule(self) -> Batch | None:
+        return self._schedule_prefill() or self._schedule_decode()
+
+    def _schedule_prefill(self) -> Batch | None:
+        reqs: list[Req] = []
+        lens: list[int] = []
+        budget = self.max_prefill_tokens
+        # Chunked prompts first: they already hold all the pages their prompt needs.
+        for req in self.running:
+            if req.num_pending > 1 and budget > 0:
+                reqs.append(req)
+                lens.append(min(req.num_pending, budget))
+                budget -= lens[-1]
+        while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
+            req = self.waiting[0]
+            if not self._admit(req):
+                break  # FIFO: a later, smaller request does not overtake the head of the queue
+            self.waiting.popleft()
+            self.running.append(req)
+            reqs.append(req)
+            lens.append(min(req.num_pending, budget))
+            budget -= lens[-1]
+        return Batch(reqs, lens, is_prefill=True) if reqs else None
+
+    def _schedule_decode(self) -> Batch | None:
+        running = self.running
+        i = 0
+        while i < len(running):
+            if self._grow(running[i], running[i].seq_len):
+                i += 1
+            else:
+                # Out of pages: the newest request gives its pages back (possibly running[i] itself).
+                self._preempt(running.pop())
+        return Batch(list(running), [1] * len(running), is_prefill=False) if running else None
+
+    # ---- KV pages
+
+    def _admit(self, req: Req) -> bool:
+        """Give `req` a page-table row and pages for its tokens plus one new one, reusing a cached prefix."""
+        # The last token is always computed, even when cached: its logits give the next token.
+        match = self.cache.match_prefix(req.token_ids[: req.seq_len - 1])
+        self.cache.lock(match.handle)  # before allocating, so eviction cannot take the matched pages
+        pages = self._alloc_pages(self.allocator.pages_needed(req.seq_len + 1) - len(match.pages))
+        if pages is None:
+            self.cache.unlock(match.handle)
+            return False
+        req.row = self.page_table.alloc_row()
+        req.pages = match.pages + pages
+        req.cache_handle = match.handle
+        req.num_computed = match.length
+        req.num_mapped = 0
+        if req.num_preemptions == 0:
+            req.num_cached = match.length
+        return True
+
+    def _grow(self, req: Req, num_tokens: int) -> bool:
+        """Make `req`'s pages hold `num_tokens` tokens; False when no page is free."""
+        pages = self._alloc_pages(self.allocator.pages_needed(num_tokens) - len(req.pages))
+        if pages is None:
+            return False
+        req.pages += pages
+        return True
+
+    def _alloc_pages(self, n: int) -> list[int] | None:
+        if n <= 0:
+            return []
+        short = n - self.allocator.num_free
+        if short > 0:
+            self.allocator.free(self.cache.evict(short))
+        return self.allocator.alloc(n)
+
+    def _preempt(self, req: Req) -> None:
+        self._release(req)
+        req.num_computed = 0
+        req.num_preemptions += 1
+        self._num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _release(self, req: Req) -> None:
+        """Hand `req`'s computed pages to the prefix cache, free the rest and its page-table row."""
+        self.allocator.free(self.cache.insert(req.token_ids[: req.num_computed], req.pages))
+        self.cache.unlock(req.cache_handle)
+        self.page_table.free_row(req.row)
+        req.row, req.pages, req.cache_handle, req.num_mapped = -1, [], None, 0
