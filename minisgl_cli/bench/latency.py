@@ -1,0 +1,219 @@
+"""Batch latency: for each batch size B, the time to prefill B prompts of `input_len` tokens, then the time of
+each decode step until every request holds `output_len` new tokens.
+
+The engine is measured through its real path: the LLM's own Scheduler picks every batch and runs it
+(`schedule()` then `run_batch()`), and each step is timed around that pair. A step ends with the copy of the
+sampled ids to the host, which waits for the device, so a step's wall-clock time covers its device work.
+Not included: detokenization (no text is made; a server does it in another process).
+
+The prefill samples each request's first token, so a request of `output_len` tokens takes `output_len - 1`
+decode steps; a prefill larger than `--max-prefill-tokens` runs in several chunks, all counted as prefill.
+
+Roofline (GPU): a decode step must at least read every weight once and each request's K/V, so
+(bytes read) / (peak memory bandwidth) is a lower bound on its time; `roofline_share` is that bound over the
+measured time (1.0 = at the memory roofline). It is None where the peak bandwidth is unknown (CPUs, GPUs
+missing from the table below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from minisgl_cli.bench.offline import WARMUP_INPUT_LEN, WARMUP_OUTPUT_LEN, Progress, exact_greedy
+from minisgl_cli.bench.workload import random_workload
+from minisgl_cli.errors import MinisglError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from minisgl_cli.engine.llm import LLM
+    from minisgl_cli.engine.models.config import ModelConfig
+
+# Peak memory bandwidth in bytes/s, by a fragment of torch.cuda.get_device_name() (vendors' datasheets).
+_PEAK_BANDWIDTH = (
+    ("H200", 4.8e12),
+    ("H100 80GB HBM3", 3.35e12),  # H100 SXM
+    ("H100 PCIe", 2.0e12),
+    ("A100-SXM4-80GB", 2.039e12),
+)
+
+
+@dataclass
+class LatencyResult:
+    system: str  # "minisgl" or "hf"
+    batch_size: int
+    input_len: int
+    output_len: int
+    prefill_s: float  # all prefill steps of the batch
+    decode_steps: int  # output_len - 1
+    decode_s: float  # all decode steps together
+    roofline_share: float | None = None  # see the module docstring; None where unknown
+
+    @property
+    def prefill_ms(self) -> float:
+        return self.prefill_s * 1e3
+
+    @property
+    def prefill_tok_per_s(self) -> float:
+        return self.batch_size * self.input_len / self.prefill_s
+
+    @property
+    def decode_ms_per_step(self) -> float:
+        return self.decode_s * 1e3 / self.decode_steps
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        return self.batch_size * self.decode_steps / self.decode_s
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """ "1,8,32" -> [1, 8, 32]; UsageError unless every item is a positive integer."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batch-sizes {text!r}: expected comma-separated positive integers, e.g. 1,8,32")
+    return list(dict.fromkeys(sizes))  # a size given twice is measured once
+
+
+def check_lengths(input_len: int, output_len: int) -> None:
+    if input_len < 1:
+        raise UsageError(f"--input-len {input_len}: expected a positive number of prompt tokens")
+    if output_len < 2:
+        # The first token comes from the prefill: with fewer than 2 there is no decode step to time.
+        raise UsageError(
+            f"--output-len {output_len}: expected at least 2 tokens (the first one comes from prefill)"
+        )
+
+
+def run_latency(
+    llm: LLM,
+    batch_sizes: list[int],
+    input_len: int,
+    output_len: int,
+    seed: int,
+    on_done: Progress | None = None,
+) -> list[LatencyResult]:
+    """Warm up once, then measure each batch size in turn; prompts are random token ids drawn from `seed`."""
+    check_lengths(input_len, output_len)
+    for batch_size in batch_sizes:
+        _check_capacity(llm, batch_size, input_len, output_len)
+    _measure(llm, min(batch_sizes), min(input_len, WARMUP_INPUT_LEN), WARMUP_OUTPUT_LEN, seed)
+    results = []
+    for batch_size in batch_sizes:
+        results.append(_measure(llm, batch_size, input_len, output_len, seed))
+        if on_done is not None:
+            on_done(1)
+    return results
+
+
+def _check_capacity(llm: LLM, batch_size: int, input_len: int, output_len: int) -> None:
+    """UsageError unless the whole batch runs at once, from admission to its last token: otherwise requests
+    would wait or be preempted, and the times would not be those of one batch."""
+    scheduler = llm.scheduler
+    if batch_size > scheduler.max_running_requests:
+        raise UsageError(
+            f"batch size {batch_size} is above --max-running-requests {scheduler.max_running_requests}: raise it"
+        )
+    if input_len + output_len > scheduler.max_seq_len:
+        raise UsageError(
+            f"--input-len + --output-len = {input_len + output_len} tokens, but the engine holds at most "
+            f"{scheduler.max_seq_len} per sequence"
+        )
+    allocator = scheduler.allocator
+    need = batch_size * allocator.pages_needed(input_len + output_len + 1)
+    if need > allocator.num_usable:
+        raise UsageError(
+            f"batch size {batch_size} needs {need * allocator.page_size} KV cache slots but the pool has "
+            f"{allocator.num_usable * allocator.page_size}: raise --kv-cache-tokens or lower the batch size"
+        )
+
+
+def _measure(llm: LLM, batch_size: int, input_len: int, output_len: int, seed: int) -> LatencyResult:
+    from minisgl_cli.engine.request import FinishReason
+
+    scheduler = llm.scheduler
+    if scheduler.has_work:
+        raise MinisglError("the engine is busy with other requests: a latency run needs it to itself")
+    vocab_size = llm.runner.model_config.vocab_size
+    workload = random_workload(batch_size, (input_len, input_len), (output_len, output_len), vocab_size, seed)
+    preemptions = scheduler.stats().num_preemptions
+    reqs = [scheduler.add(r.prompt_ids, exact_greedy(output_len)) for r in workload.requests]
+    prefill_s = decode_s = 0.0
+    decode_steps = 0
+    try:
+        while not all(r.finished for r in reqs):
+            start = time.perf_counter()
+            batch = scheduler.schedule()
+            if batch is None:
+                raise RuntimeError("the scheduler found nothing to run for unfinished requests")  # a bug
+            scheduler.run_batch(batch)
+            elapsed = time.perf_counter() - start
+            if batch.is_prefill:
+                prefill_s += elapsed
+            else:
+                decode_s += elapsed
+                decode_steps += 1
+    finally:
+        for req in reqs:
+            scheduler.finish(req, FinishReason.ABORT)  # no-op for finished ones; frees the rest on error
+    if scheduler.stats().num_preemptions != preemptions:
+        raise MinisglError("requests were preempted during the latency run: give the KV cache more room")
+    return LatencyResult("minisgl", batch_size, input_len, output_len, prefill_s, decode_steps, decode_s)
+
+
+# ---- the roofline hook
+
+
+@dataclass(frozen=True)
+class DecodeTraffic:
+    """What a decode step must read from memory, whatever the implementation."""
+
+    weight_bytes: int  # read once per step
+    kv_bytes_per_token: int  # K and V of one position, all layers
+
+    @classmethod
+    def of_model(cls, config: ModelConfig, dtype: torch.dtype) -> DecodeTraffic:
+        import torch
+
+        from minisgl_cli.engine.kv.pool import KVPool
+        from minisgl_cli.engine.models.registry import build_model, count_parameters
+
+        # On the meta device: counts shapes, allocates nothing.
+        meta = build_model(config, 1, dtype=dtype, device=torch.device("meta"))
+        params = count_parameters(meta)
+        if not config.tie_word_embeddings:
+            params -= config.vocab_size * config.hidden_size  # the embedding table: only B rows are read
+        return cls(
+            weight_bytes=params * dtype.itemsize,
+            kv_bytes_per_token=KVPool.bytes_per_token(
+                config.num_layers, config.num_kv_heads, config.head_dim, dtype
+            ),
+        )
+
+    def decode_bytes(self, batch_size: int, input_len: int, decode_steps: int) -> int:
+        """Bytes read by all decode steps: decode step i (from 1) attends to input_len + i positions."""
+        positions = decode_steps * input_len + decode_steps * (decode_steps + 1) // 2
+        return decode_steps * self.weight_bytes + batch_size * positions * self.kv_bytes_per_token
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    """Peak memory bandwidth (bytes/s) of a known GPU; None on CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((bw for fragment, bw in _PEAK_BANDWIDTH if fragment in name), None)
+
+
+def with_roofline(result: LatencyResult, traffic: DecodeTraffic, bandwidth: float | None) -> LatencyResult:
+    """`result` with its roofline share filled in (left None without a known bandwidth)."""
+    if bandwidth is None:
+        return result
+    bound_s = traffic.decode_bytes(result.batch_size, result.input_len, result.decode_steps) / bandwidth
+    return dataclasses.replace(result, roofline_share=bound_s / result.decode_s)

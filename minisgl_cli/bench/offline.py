@@ -1,0 +1,93 @@
+"""Offline throughput: a whole workload handed to the engine at once, timed from submission to the last output.
+
+Every request runs greedily with `ignore_eos` and `max_tokens` = its output length, so it generates exactly
+that many tokens and both systems do the same work whatever the weights. The counts in the result are what
+the engine reports per request (usage), not what was asked for, so a request cut short would show.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from minisgl_cli.bench.workload import Workload
+from minisgl_cli.engine.request import SamplingParams
+from minisgl_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from minisgl_cli.engine.llm import LLM
+
+# The untimed warm-up run: small, so it costs little, but it runs prefill, decode and sampling once.
+WARMUP_INPUT_LEN = 16
+WARMUP_OUTPUT_LEN = 4
+
+# A progress callback, told how many items (requests, or batch sizes for latency) were just done.
+Progress = Callable[[int], None]
+
+
+@dataclass
+class ThroughputResult:
+    system: str  # "minisgl" or "hf"
+    num_requests: int
+    input_tokens: int
+    output_tokens: int
+    elapsed_s: float
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.elapsed_s
+
+    @property
+    def input_tok_per_s(self) -> float:
+        return self.input_tokens / self.elapsed_s
+
+    @property
+    def output_tok_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+    @property
+    def total_tok_per_s(self) -> float:
+        return (self.input_tokens + self.output_tokens) / self.elapsed_s
+
+
+def warmup_prompt(vocab_size: int) -> list[int]:
+    """A fixed prompt for warm-up runs (token ids 1..16: any ids do; none is special to the timing)."""
+    return [i % vocab_size for i in range(1, WARMUP_INPUT_LEN + 1)]
+
+
+def check_fits(workload: Workload, max_seq_len: int) -> None:
+    """UsageError if a request's prompt + output cannot fit in one sequence of the engine."""
+    if workload.max_seq_len > max_seq_len:
+        raise UsageError(
+            f"a request needs {workload.max_seq_len} tokens (prompt + output) but the engine holds at most "
+            f"{max_seq_len} per sequence: lower --input-len/--output-len, or raise --context-length/--kv-cache-tokens"
+        )
+
+
+def run_offline(llm: LLM, workload: Workload, on_done: Progress | None = None) -> ThroughputResult:
+    """Warm up, then run every request of `workload` through `llm` in one call and time it.
+
+    `on_done(1)` is called as each request finishes (for a progress bar); its cost is inside the timing, so it
+    must be cheap.
+    """
+    check_fits(workload, llm.scheduler.max_seq_len)
+    vocab_size = llm.runner.model_config.vocab_size
+    llm.generate(warmup_prompt(vocab_size), exact_greedy(WARMUP_OUTPUT_LEN))
+    prompts = [r.prompt_ids for r in workload.requests]
+    params = [exact_greedy(r.output_len) for r in workload.requests]
+    input_tokens = output_tokens = 0
+    start = time.perf_counter()
+    for out in llm.iter_outputs(prompts, params):
+        input_tokens += out.usage.prompt_tokens
+        output_tokens += out.usage.completion_tokens
+        if on_done is not None:
+            on_done(1)
+    elapsed = time.perf_counter() - start
+    return ThroughputResult("minisgl", len(prompts), input_tokens, output_tokens, elapsed)
+
+
+def exact_greedy(max_tokens: int) -> SamplingParams:
+    """Greedy, eos ignored: exactly `max_tokens` new tokens (greedy so that no sampler's cost differs)."""
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)

@@ -1,0 +1,284 @@
+"""``minisgl bench``: offline throughput and batch latency, optionally against transformers (``--baseline hf``).
+
+Each system runs on its own: the engine first, then (with a baseline) it is released before transformers
+loads the model, so the two never share the device's memory. Both use the same dtype and device, resolved
+once here the way the engine resolves them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import typer
+
+from minisgl_cli.cli import ui
+from minisgl_cli.cli.options import with_config
+from minisgl_cli.config import SETTINGS, EngineConfig, LoadedConfig
+from minisgl_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+    from minisgl_cli.bench.offline import Progress
+    from minisgl_cli.bench.report import Comparison, TableData
+    from minisgl_cli.engine.models.config import ModelConfig
+    from minisgl_cli.model_source import ModelSource
+
+DEFAULT_HF_BATCH_SIZE = 64
+# [bench] settings of the online serving benchmark: meaningless when every request is sent at once.
+_ONLINE_ONLY = ("request_rate", "max_concurrency")
+
+app = typer.Typer(
+    help="Benchmark the engine: offline throughput and batch latency, optionally against transformers.\n\n"
+    "Example: minisgl bench offline --num-prompts 64 --input-len 128 --output-len 128 --baseline hf",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+
+BaselineOption = Annotated[
+    Literal["hf"] | None,
+    typer.Option(
+        "--baseline", help="Also run transformers on the same requests and print minisgl / hf ratios."
+    ),
+]
+JsonOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--json",
+        help="Also write the results as JSON (schema in minisgl_cli/bench/report.py).",
+        show_default=False,
+    ),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What both systems share: the model, and the device and dtype they run on."""
+
+    source: ModelSource
+    model_config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+
+
+@app.command()
+@with_config("engine", "bench")
+def offline(
+    cfg: LoadedConfig,
+    baseline: BaselineOption = None,
+    hf_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--hf-batch-size",
+            help=f"Static batch size of the transformers baseline [default: {DEFAULT_HF_BATCH_SIZE}].",
+            show_default=False,
+        ),
+    ] = None,
+    json_path: JsonOption = None,
+) -> None:
+    """Throughput: every prompt at once, each generating exactly its output length (greedy, eos ignored).
+
+    Prompts are random token ids: --num-prompts of them, lengths uniform in --input-len and --output-len
+    (N or MIN,MAX), drawn from --dataset-seed. Prints requests/s and input, output and total tokens/s.
+
+    --baseline hf runs transformers on the same requests as vLLM's HF backend does: static batches of
+    --hf-batch-size, left-padded, greedy, every row generating the batch's longest output; only each
+    request's own output tokens are counted.
+
+    Example: minisgl bench offline --dummy-weights -m qwen3-0.6b --num-prompts 32 --input-len 256 --output-len 128
+    """
+    for name in _ONLINE_ONLY:
+        if cfg.sources[name].startswith("flag"):
+            raise UsageError(
+                f"{SETTINGS[name].flag} is for online serving benchmarks; bench offline sends every request at once"
+            )
+    if hf_batch_size is not None and baseline is None:
+        raise UsageError("--hf-batch-size sets the transformers baseline's batch size: add --baseline hf")
+    hf_batch_size = DEFAULT_HF_BATCH_SIZE if hf_batch_size is None else hf_batch_size
+    if hf_batch_size < 1:
+        raise UsageError(f"--hf-batch-size {hf_batch_size}: expected a positive integer")
+    _check_json_path(json_path)
+
+    from minisgl_cli.bench.offline import run_offline
+    from minisgl_cli.bench.report import build_report, offline_comparisons, offline_table
+    from minisgl_cli.bench.workload import load_workload
+    from minisgl_cli.engine.llm import LLM
+
+    engine = cfg.config.engine
+    setup = _setup(engine)
+    workload = load_workload(cfg.config.bench, setup.model_config.vocab_size)
+    llm = LLM.from_config(engine)
+    with _progress("minisgl", len(workload.requests)) as advance:
+        results = [run_offline(llm, workload, advance)]
+    del llm  # its weights and KV pool go before the baseline loads
+    if baseline == "hf":
+        from minisgl_cli.bench.hf_baseline import run_hf_offline
+
+        model = _load_hf(engine, setup)
+        with _progress("transformers", len(workload.requests)) as advance:
+            results.append(run_hf_offline(model, workload, hf_batch_size, advance))
+
+    comparisons = offline_comparisons(results)
+    _print(f"bench offline: {setup.source.name}", offline_table(results), comparisons)
+    if json_path is not None:
+        bench = cfg.config.bench
+        workload_config = {
+            "dataset": bench.dataset,
+            "num_prompts": bench.num_prompts,
+            "input_len": bench.input_len,
+            "output_len": bench.output_len,
+            "dataset_seed": bench.dataset_seed,
+            "hf_batch_size": hf_batch_size if baseline else None,
+        }
+        config = _report_config(engine, setup, baseline, workload_config)
+        _write(json_path, build_report("offline", config, results, comparisons))
+
+
+@app.command()
+@with_config("engine")
+def latency(
+    cfg: LoadedConfig,
+    batch_sizes: Annotated[
+        str, typer.Option("--batch-sizes", help="Batch sizes to measure, comma-separated.")
+    ] = "1,8,32",
+    input_len: Annotated[
+        int, typer.Option("--input-len", help="Prompt length in tokens (one number).")
+    ] = 128,
+    output_len: Annotated[
+        int, typer.Option("--output-len", help="Tokens generated per request (one number, >= 2).")
+    ] = 256,
+    baseline: BaselineOption = None,
+    json_path: JsonOption = None,
+) -> None:
+    """Latency per batch size: the prefill of B prompts, then the time per decode step and decode tokens/s.
+
+    Runs through the engine's scheduler (its real step), greedy, eos ignored; prompts are random token ids
+    drawn from --random-seed. Here --input-len and --output-len are single numbers, not the ranges (or the
+    config file's values) that bench offline takes.
+
+    Example: minisgl bench latency --dummy-weights -m llama-3.2-1b --batch-sizes 1,16 --input-len 512 --output-len 64
+    """
+    from minisgl_cli.bench.latency import check_lengths, parse_batch_sizes
+
+    sizes = parse_batch_sizes(batch_sizes)
+    check_lengths(input_len, output_len)
+    _check_json_path(json_path)
+
+    from minisgl_cli.bench.latency import DecodeTraffic, peak_bandwidth, run_latency, with_roofline
+    from minisgl_cli.bench.report import build_report, latency_comparisons, latency_table
+    from minisgl_cli.engine.llm import LLM
+
+    engine = cfg.config.engine
+    setup = _setup(engine)
+    seed = engine.random_seed
+    llm = LLM.from_config(engine)
+    with _progress("minisgl", len(sizes)) as advance:
+        results = run_latency(llm, sizes, input_len, output_len, seed, advance)
+    del llm  # its weights and KV pool go before the baseline loads
+    if baseline == "hf":
+        from minisgl_cli.bench.hf_baseline import run_hf_latency
+
+        model = _load_hf(engine, setup)
+        with _progress("transformers", len(sizes)) as advance:
+            results += run_hf_latency(model, sizes, input_len, output_len, seed, advance)
+    # The hook for the roofline share: filled in on GPUs whose peak bandwidth is known (see bench/latency.py).
+    bandwidth = peak_bandwidth(setup.device)
+    if bandwidth is not None:
+        traffic = DecodeTraffic.of_model(setup.model_config, setup.dtype)
+        results = [with_roofline(r, traffic, bandwidth) for r in results]
+
+    comparisons = latency_comparisons(results)
+    _print(f"bench latency: {setup.source.name}", latency_table(results), comparisons)
+    if json_path is not None:
+        own = {"batch_sizes": sizes, "input_len": input_len, "output_len": output_len, "seed": seed}
+        _write(
+            json_path,
+            build_report("latency", _report_config(engine, setup, baseline, own), results, comparisons),
+        )
+
+
+# ---- shared steps
+
+
+def _setup(engine: EngineConfig) -> _Setup:
+    from minisgl_cli.engine.device import resolve_device, resolve_dtype
+    from minisgl_cli.engine.models.config import ModelConfig
+    from minisgl_cli.model_source import resolve_model
+
+    source = resolve_model(engine.model, engine.dummy_weights)
+    device = resolve_device(engine.device)
+    return _Setup(source, ModelConfig.from_hf(source.hf_config), device, resolve_dtype(engine.dtype, device))
+
+
+def _load_hf(engine: EngineConfig, setup: _Setup) -> PreTrainedModel:
+    import torch
+
+    from minisgl_cli.bench.hf_baseline import load_hf_model
+
+    # The engine of the run before is garbage by now; collect it so its weights and KV pool are really freed.
+    gc.collect()
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return load_hf_model(
+        setup.source,
+        dummy_weights=engine.dummy_weights,
+        dtype=setup.dtype,
+        device=setup.device,
+        seed=engine.random_seed,
+    )
+
+
+@contextmanager
+def _progress(label: str, total: int) -> Iterator[Progress]:
+    """A transient progress bar on stderr; yields the callback that advances it."""
+    bar = ui.progress(transient=True)
+    # Off when stderr is not a terminal: it could not redraw there, and rich would leave a stray blank line.
+    bar.disable = not bar.console.is_terminal
+    with bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _print(title: str, table: TableData, comparisons: list[Comparison]) -> None:
+    from minisgl_cli.bench.report import ratio_lines
+
+    ui.print_table(title, table.columns, table.rows)
+    for line in ratio_lines(comparisons):
+        ui.console.print(line, highlight=False, soft_wrap=True)
+
+
+def _report_config(
+    engine: EngineConfig, setup: _Setup, baseline: str | None, bench: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "model": setup.source.name,
+        "dummy_weights": engine.dummy_weights,
+        "device": str(setup.device),
+        "dtype": str(setup.dtype).removeprefix("torch."),
+        "baseline": baseline,
+        "engine": dataclasses.asdict(engine),
+        "bench": bench,
+    }
+
+
+def _check_json_path(path: Path | None) -> None:
+    """Refuse an unwritable --json destination before the run, not after it."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"--json {path} is a directory: give a file path")
+    if not path.parent.is_dir():
+        raise UsageError(f"--json {path}: directory {path.parent} does not exist")
+
+
+def _write(path: Path, report: dict[str, Any]) -> None:
+    from minisgl_cli.bench.report import write_report
+
+    write_report(path, report)
+    ui.err_console.print(f"wrote {path}", highlight=False, soft_wrap=True)
