@@ -11,41 +11,26 @@ matter, so L comes from the file when it says, else low is taken as 1 (as in eve
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
+
+from minisgl_cli.engine.models.config import Llama3RopeScaling
 
 # The factors are float32; this much slack separates "exactly 1 or f" from "in between".
 _TOLERANCE = 1e-5
 
 
-@dataclass(frozen=True)
-class Llama3RopeScaling:
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
-
-    def to_hf(self) -> dict[str, float | int | str]:
-        return {
-            "rope_type": "llama3",
-            "factor": self.factor,
-            "low_freq_factor": self.low_freq_factor,
-            "high_freq_factor": self.high_freq_factor,
-            "original_max_position_embeddings": self.original_max_position_embeddings,
-        }
-
-    def factors(self, theta: float, rotary_dim: int) -> np.ndarray:
-        """The per-frequency factors these parameters give, as llama.cpp would store them."""
-        wavelengths = _wavelengths(theta, rotary_dim)
-        length = self.original_max_position_embeddings
-        smooth = (length / wavelengths - self.low_freq_factor) / (
-            self.high_freq_factor - self.low_freq_factor
-        )
-        between = 1.0 / ((1.0 - smooth) / self.factor + smooth)
-        long_wave = wavelengths > length / self.low_freq_factor
-        short_wave = wavelengths < length / self.high_freq_factor
-        return np.where(short_wave, 1.0, np.where(long_wave, self.factor, between))
+def llama3_factors(scaling: Llama3RopeScaling, theta: float, rotary_dim: int) -> np.ndarray:
+    """The per-frequency factors `scaling` gives, as llama.cpp would store them."""
+    wavelengths = _wavelengths(theta, rotary_dim)
+    length = scaling.original_max_position_embeddings
+    smooth = (length / wavelengths - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    between = 1.0 / ((1.0 - smooth) / scaling.factor + smooth)
+    long_wave = wavelengths > length / scaling.low_freq_factor
+    short_wave = wavelengths < length / scaling.high_freq_factor
+    return np.where(short_wave, 1.0, np.where(long_wave, scaling.factor, between))
 
 
 def _wavelengths(theta: float, rotary_dim: int) -> np.ndarray:
@@ -84,7 +69,7 @@ def recover_llama3_scaling(
         high_freq_factor=_tidy(high),
         original_max_position_embeddings=int(original_context),
     )
-    if not np.allclose(scaling.factors(theta, rotary_dim), ratios, rtol=1e-4, atol=0):
+    if not np.allclose(llama3_factors(scaling, theta, rotary_dim), ratios, rtol=1e-4, atol=0):
         raise ValueError("the factors do not follow llama3's rope scaling")
     return scaling
 

@@ -29,6 +29,16 @@ class Llama3RopeScaling:
     high_freq_factor: float
     original_max_position_embeddings: int
 
+    def to_hf(self) -> dict[str, float | int | str]:
+        """As config.json's `rope_scaling` (what `minisgl convert` writes)."""
+        return {
+            "rope_type": "llama3",
+            "factor": self.factor,
+            "low_freq_factor": self.low_freq_factor,
+            "high_freq_factor": self.high_freq_factor,
+            "original_max_position_embeddings": self.original_max_position_embeddings,
+        }
+
 
 @dataclass(frozen=True)
 class ModelConfig:
