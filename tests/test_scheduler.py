@@ -249,3 +249,41 @@ def test_forward_batch_layout() -> None:
     assert fb.extend_lens_cpu == [4, 2] and fb.seq_lens_cpu == [4, 2]
     assert fb.logits_indices.tolist() == [3, 5]
     assert fb.req_rows.tolist() == [0, 1]
+
+
+def _admission_order(s: Scheduler) -> list[int]:
+    """Run until idle; the request ids in the order their prefill first ran."""
+    order: list[int] = []
+    while s.has_work:
+        batch = s.schedule()
+        assert batch is not None
+        if batch.is_prefill:
+            order += [r.rid for r in batch.reqs if r.rid not in order]
+        s.run_batch(batch)
+    return order
+
+
+@pytest.mark.parametrize("max_wait_steps", [64, 0])
+def test_longest_cached_prefix_is_admitted_first_unless_another_waited_too_long(
+    max_wait_steps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from minisgl_cli.engine import scheduler as scheduler_module
+    from minisgl_cli.engine.kv.radix_cache import RadixCache
+
+    monkeypatch.setattr(scheduler_module, "LPM_MAX_WAIT_STEPS", max_wait_steps)
+    runner = FakeRunner(num_pages=128, page_size=1, max_running=1)  # one request at a time
+    s = Scheduler(runner, RadixCache(1), max_prefill_tokens=64, eos_token_ids=[EOS])
+    shared = list(range(1, 21))
+    s.add(shared + [50], greedy(2, ignore_eos=True))
+    _admission_order(s)  # `shared` is cached now
+    other = s.add([90, 91, 92], greedy(3, ignore_eos=True))  # first in line, nothing cached
+    partial = s.add(shared[:10] + [60], greedy(3, ignore_eos=True))  # 10 tokens cached
+    full = s.add(shared + [70], greedy(3, ignore_eos=True))  # 20 tokens cached
+    order = _admission_order(s)
+    if max_wait_steps:
+        assert order == [full.rid, partial.rid, other.rid]
+        assert (full.num_cached, partial.num_cached, other.num_cached) == (20, 10, 0)
+    else:  # every request is overdue at once: first come, first served
+        assert order == [other.rid, partial.rid, full.rid]
+    for req in (other, partial, full):
+        assert req.output_ids == reference(req.prompt_ids, 3)

@@ -124,27 +124,15 @@ def _run(llm: LLM, prompts: list[list[int]], jobs: list[Job], sink: IO[str]) -> 
 def _encode(llm: LLM, jobs: list[Job]) -> tuple[list[list[int]], list[Job], list[BadLine]]:
     """Each job's prompt ids, or a BadLine for a prompt this model cannot take. The engine refuses a whole call
     for one such prompt, so they are found here first; the ids are then what the engine is given."""
-    from minisgl_cli.engine.tokenize import encode_prompt
-
-    vocab_size = llm.runner.model_config.vocab_size
-    max_prompt = llm.scheduler.max_seq_len - 1  # at least one new token must fit
     prompts: list[list[int]] = []
     runnable: list[Job] = []
     bad: list[BadLine] = []
     for job in jobs:
         try:
-            ids = encode_prompt(job.prompt, llm.tokenizer, vocab_size)
+            prompts.append(llm.encode(job.prompt))
         except UsageError as exc:
             bad.append(BadLine(job.line_no, str(exc)))
             continue
-        if len(ids) > max_prompt:
-            bad.append(
-                BadLine(
-                    job.line_no, f"the prompt has {len(ids)} tokens; this engine takes at most {max_prompt}"
-                )
-            )
-            continue
-        prompts.append(ids)
         runnable.append(job)
     return prompts, runnable, bad
 

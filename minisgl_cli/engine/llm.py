@@ -51,6 +51,8 @@ class LLM:
         # Heavy imports here, so importing this module (e.g. for its types) stays cheap.
         from minisgl_cli.engine.device import resolve_device, resolve_dtype
         from minisgl_cli.engine.kv.naive_cache import NaiveCache
+        from minisgl_cli.engine.kv.prefix_cache import PrefixCache
+        from minisgl_cli.engine.kv.radix_cache import RadixCache
         from minisgl_cli.engine.model_runner import ModelRunner
         from minisgl_cli.engine.models.config import ModelConfig
         from minisgl_cli.engine.scheduler import Scheduler
@@ -83,9 +85,10 @@ class LLM:
             attention_backend=cfg.attention_backend,
             random_seed=cfg.random_seed,
         )
-        # The radix cache (cache_type "radix", the default) comes with prefix caching; until then both
-        # settings run without prefix reuse.
-        cache = NaiveCache(cfg.page_size)
+        # "radix" (the default) reuses the K/V of shared prompt prefixes; "naive" recomputes every prompt.
+        cache: PrefixCache = (
+            RadixCache(cfg.page_size) if cfg.cache_type == "radix" else NaiveCache(cfg.page_size)
+        )
         eos = list(dict.fromkeys(model_config.eos_token_ids + _generation_eos(source.path)))
         self.scheduler = Scheduler(
             self.runner,
@@ -146,14 +149,20 @@ class LLM:
                 self.scheduler.finish(builder.req, FinishReason.ABORT)
             self._busy = False
 
+    def encode(self, prompt: Prompt) -> list[int]:
+        """A prompt's token ids (chat template applied to message lists); UsageError if this engine cannot
+        take it (no tokenizer for text, ids outside the vocabulary, no room left for one new token)."""
+        ids = encode_prompt(prompt, self.tokenizer, self.runner.model_config.vocab_size)
+        self.scheduler.check_prompt(ids)
+        return ids
+
     def _submit(self, prompts: Prompts, sampling: Sampling) -> list[OutputBuilder]:
         """Tokenize and queue every prompt, or none of them: bad input raises before any work."""
         items = split_prompts(prompts)
         params = _sampling_list(sampling, len(items))
         if self.tokenizer is None and any(sp.stop for sp in params):
             raise UsageError("stop strings need a tokenizer and this model has none: use stop_token_ids")
-        vocab_size = self.runner.model_config.vocab_size
-        ids = [encode_prompt(p, self.tokenizer, vocab_size) for p in items]
+        ids = [self.encode(p) for p in items]
         builders: list[OutputBuilder] = []
         try:
             for index, (prompt_ids, sp) in enumerate(zip(ids, params, strict=True)):

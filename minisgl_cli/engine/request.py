@@ -44,7 +44,9 @@ class SamplingParams:
 
     def validate(self) -> None:
         def bad(name: str, expected: str) -> UsageError:
-            return UsageError(f"invalid sampling parameter {name}={getattr(self, name)!r}: expected {expected}")
+            return UsageError(
+                f"invalid sampling parameter {name}={getattr(self, name)!r}: expected {expected}"
+            )
 
         if not 0.0 <= self.temperature <= 100.0:
             raise bad("temperature", "a number in [0, 100]")
@@ -101,6 +103,7 @@ class Req:
     num_cached: int = 0  # prompt tokens whose K/V came from the prefix cache (usage.cached_tokens)
     cache_handle: object | None = None  # the prefix cache's lock on the matched prefix
     num_preemptions: int = 0
+    arrival_step: int = 0  # the scheduler's step count when the request was queued (admission age bound)
     finish_reason: str | None = None
     # Token counts for penalties, on the device; made on the first sampling step of a penalised request.
     penalty_state: PenaltyState | None = None

@@ -31,6 +31,15 @@ from minisgl_cli.errors import UsageError
 if TYPE_CHECKING:
     from minisgl_cli.engine.model_runner import ModelRunner
 
+# Cache-aware admission (SGLang's longest-prefix-match policy) walks the prefix cache once per waiting
+# request, so it orders queues up to this long; a longer queue is admitted in arrival order.
+LPM_MAX_QUEUE = 128
+# A request waiting this many scheduling steps is admitted before better-matching ones: nothing starves.
+LPM_MAX_WAIT_STEPS = 64
+# Two requests of one prefill step whose uncached parts start with this many equal tokens would compute them
+# twice: the later one waits a step and reads them from the cache.
+IN_BATCH_PREFIX = 32
+
 
 @dataclass
 class SchedulerStats:
@@ -40,7 +49,7 @@ class SchedulerStats:
     tokens_decoded: int  # tokens run in decode steps
     tokens_generated: int  # tokens sampled
     num_preemptions: int
-    pages_used: int
+    pages_used: int  # held by requests; cached pages no request holds count as free (evicted on demand)
     pages_total: int
 
 
@@ -70,11 +79,12 @@ class Scheduler:
         # Seeds for requests that give none: reproducible for a given engine seed and submission order.
         self._seed_rng = random.Random(random_seed)
         self._tokens_prefilled = self._tokens_decoded = self._tokens_generated = self._num_preemptions = 0
+        self._steps = 0
 
     # ---- requests in and out
 
-    def add(self, prompt_ids: list[int], sampling: SamplingParams) -> Req:
-        """Queue a request; UsageError if its prompt leaves no room for one new token."""
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """UsageError if the prompt leaves no room for one new token."""
         if len(prompt_ids) >= self.max_seq_len:
             limit = (
                 f"the context length is {self.context_len}"
@@ -85,12 +95,17 @@ class Scheduler:
                 f"the prompt has {len(prompt_ids)} tokens and {limit}: "
                 "it must be shorter to leave room for at least one new token"
             )
+
+    def add(self, prompt_ids: list[int], sampling: SamplingParams) -> Req:
+        """Queue a request; UsageError if its prompt leaves no room for one new token."""
+        self.check_prompt(prompt_ids)
         req = Req(
             rid=next(self._rids),
             prompt_ids=list(prompt_ids),
             sampling=sampling,
             max_new_tokens=min(sampling.max_tokens, self.max_seq_len - len(prompt_ids)),
             seed=sampling.seed if sampling.seed is not None else self._seed_rng.getrandbits(63),
+            arrival_step=self._steps,
         )
         self.waiting.append(req)
         return req
@@ -118,7 +133,9 @@ class Scheduler:
             tokens_decoded=self._tokens_decoded,
             tokens_generated=self._tokens_generated,
             num_preemptions=self._num_preemptions,
-            pages_used=self.allocator.num_usable - self.allocator.num_free,
+            pages_used=self.allocator.num_usable
+            - self.allocator.num_free
+            - self.cache.stats().evictable_pages,
             pages_total=self.allocator.num_usable,
         )
 
@@ -142,6 +159,8 @@ class Scheduler:
             req.num_computed += n
         if batch.is_prefill:
             self._tokens_prefilled += batch.num_tokens
+            for req in batch.reqs:
+                self._cache_computed_pages(req)
         else:
             self._tokens_decoded += batch.num_tokens
         for req, tok in zip(sampling_reqs, sampled, strict=True):
@@ -184,20 +203,34 @@ class Scheduler:
     # ---- picking a batch
 
     def schedule(self) -> Batch | None:
+        self._steps += 1
         return self._schedule_prefill() or self._schedule_decode()
 
     def _schedule_prefill(self) -> Batch | None:
         reqs: list[Req] = []
         lens: list[int] = []
         budget = self.max_prefill_tokens
+        # The first uncached tokens of every request this step computes (see _uncached_start).
+        starts: set[tuple[int, ...]] = set()
         # Chunked prompts first: they already hold all the pages their prompt needs.
         for req in self.running:
             if req.num_pending > 1 and budget > 0:
                 reqs.append(req)
                 lens.append(min(req.num_pending, budget))
                 budget -= lens[-1]
+                if self.cache.keeps_prefixes:
+                    starts.add(self._uncached_start(req, req.num_computed))
+        if budget > 0 and len(self.running) < self.max_running_requests:
+            self._order_waiting()
+        deferred: list[Req] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             req = self.waiting[0]
+            start = self._uncached_start(req, self._cached_len(req)) if self.cache.keeps_prefixes else ()
+            if start and start in starts:
+                # Another request of this step computes the same uncached tokens: wait one step and read them
+                # from the cache instead of computing them again (SGLang's in-batch prefix check).
+                deferred.append(self.waiting.popleft())
+                continue
             if not self._admit(req):
                 break  # FIFO: a later, smaller request does not overtake the head of the queue
             self.waiting.popleft()
@@ -205,6 +238,9 @@ class Scheduler:
             reqs.append(req)
             lens.append(min(req.num_pending, budget))
             budget -= lens[-1]
+            if start:
+                starts.add(start)
+        self.waiting.extendleft(reversed(deferred))
         return Batch(reqs, lens, is_prefill=True) if reqs else None
 
     def _schedule_decode(self) -> Batch | None:
@@ -217,6 +253,31 @@ class Scheduler:
                 # Out of pages: the newest request gives its pages back (possibly running[i] itself).
                 self._preempt(running.pop())
         return Batch(list(running), [1] * len(running), is_prefill=False) if running else None
+
+    def _cached_len(self, req: Req) -> int:
+        return self.cache.match_prefix(req.token_ids[: req.seq_len - 1], count=False).length
+
+    def _uncached_start(self, req: Req, cached: int) -> tuple[int, ...]:
+        """The request's first IN_BATCH_PREFIX tokens after its cached part; () when fewer remain (a short
+        remainder is not worth a step's wait)."""
+        n = max(IN_BATCH_PREFIX, self.allocator.page_size)
+        start = tuple(req.token_ids[cached : cached + n])
+        return start if len(start) == n and cached + n < req.seq_len else ()
+
+    def _order_waiting(self) -> None:
+        """Longest cached prefix first, so requests sharing a prefix run while its pages are cached (and locked);
+        preempted requests and those waiting LPM_MAX_WAIT_STEPS steps keep the front, in queue order. Ties keep
+        queue order, so with no prefix cache this is first come, first served."""
+        if not 1 < len(self.waiting) <= LPM_MAX_QUEUE:
+            return
+
+        def priority(item: tuple[int, Req]) -> tuple[int, int, int]:
+            position, req = item
+            if req.num_preemptions > 0 or self._steps - req.arrival_step >= LPM_MAX_WAIT_STEPS:
+                return (0, 0, position)
+            return (1, -self._cached_len(req), position)
+
+        self.waiting = deque(req for _, req in sorted(enumerate(self.waiting), key=priority))
 
     # ---- KV pages
 
@@ -260,6 +321,34 @@ class Scheduler:
         req.num_preemptions += 1
         self._num_preemptions += 1
         self.waiting.appendleft(req)
+
+    def _cache_computed_pages(self, req: Req) -> None:
+        """Offer the whole pages a prefill step completed to the prefix cache at once, not only when the request
+        finishes: requests admitted from the next step on reuse a long shared prompt while this one still runs.
+        The request then reads the cache's pages; any it computed twice (another request cached the same tokens
+        first) are freed, and its page-table row is rewritten at its next step."""
+        num_pages = req.num_computed // self.allocator.page_size
+        tokens = req.token_ids[: num_pages * self.allocator.page_size]
+        if num_pages == 0:
+            return
+        to_free = self.cache.insert(tokens, req.pages[:num_pages])
+        match = self.cache.match_prefix(tokens, count=False)
+        if match.length < len(tokens):
+            # A cache that keeps nothing (naive) or not all of it: the request keeps its own pages.
+            held = set(req.pages)
+            self.allocator.free([p for p in to_free if p not in held])
+            return
+        self.cache.lock(match.handle)
+        self.cache.unlock(req.cache_handle)
+        req.cache_handle = match.handle
+        if match.pages != req.pages[:num_pages]:
+            req.pages[:num_pages] = match.pages
+            req.num_mapped = 0  # its row still points at the pages just freed
+        self.allocator.free(to_free)
+
+    def drop_cached_prefixes(self) -> None:
+        """Free every cached page no request holds (benchmarks: a timed run must not reuse a warm-up's K/V)."""
+        self.allocator.free(self.cache.evict(self.cache.stats().evictable_pages))
 
     def _release(self, req: Req) -> None:
         """Hand `req`'s computed pages to the prefix cache, free the rest and its page-table row."""

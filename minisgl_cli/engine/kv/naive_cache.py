@@ -9,12 +9,15 @@ from minisgl_cli.engine.kv.prefix_cache import PrefixCache, PrefixCacheStats, Pr
 
 
 class NaiveCache(PrefixCache):
+    keeps_prefixes = False
+
     def __init__(self, page_size: int) -> None:
         super().__init__(page_size)
         self._queried_tokens = 0
 
-    def match_prefix(self, token_ids: Sequence[int]) -> PrefixMatch:
-        self._queried_tokens += len(token_ids)
+    def match_prefix(self, token_ids: Sequence[int], *, count: bool = True) -> PrefixMatch:
+        if count:
+            self._queried_tokens += len(token_ids)
         return PrefixMatch(length=0)
 
     def lock(self, handle: object | None) -> None:

@@ -33,12 +33,17 @@ class PrefixCacheStats:
 
 
 class PrefixCache(ABC):
+    # Whether inserted prefixes can be matched later: the scheduler defers a request that would compute
+    # the same tokens as another in one step only when waiting lets it read them from the cache.
+    keeps_prefixes = True
+
     def __init__(self, page_size: int) -> None:
         self.page_size = page_size
 
     @abstractmethod
-    def match_prefix(self, token_ids: Sequence[int]) -> PrefixMatch:
-        """The longest cached prefix of `token_ids`, whole pages only."""
+    def match_prefix(self, token_ids: Sequence[int], *, count: bool = True) -> PrefixMatch:
+        """The longest cached prefix of `token_ids`, whole pages only. `count=False` keeps the lookup out of
+        the hit statistics (the scheduler re-reading pages it has just inserted)."""
 
     @abstractmethod
     def lock(self, handle: object | None) -> None:
