@@ -452,3 +452,44 @@ def test_invalid_arguments_exit_2_with_one_error_line(
     assert res.code == 2, res.stderr
     assert len(res.error_lines) == 1 and fragment in res.error_lines[0], res.stderr
     assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+# ---- bench prefix
+
+
+def test_shared_prefix_workload_shares_exactly_the_prefix() -> None:
+    from minisgl_cli.bench.workload import shared_prefix_workload
+
+    w = shared_prefix_workload(5, prefix_len=30, question_len=7, output_len=3, vocab_size=1000, seed=1)
+    assert [r.input_len for r in w.requests] == [37] * 5 and [r.output_len for r in w.requests] == [3] * 5
+    assert all(r.prompt_ids[:30] == w.requests[0].prompt_ids[:30] for r in w.requests)
+    assert len({tuple(r.prompt_ids[30:]) for r in w.requests}) == 5  # the questions differ
+    again = shared_prefix_workload(5, prefix_len=30, question_len=7, output_len=3, vocab_size=1000, seed=1)
+    assert again == w
+
+
+def test_prefix_command_computes_the_shared_prefix_once_with_radix(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prefix.json"
+    # One request at a time, so every request after the first finds the prefix cached (page size 1: all of it).
+    args = ("--num-prompts", "4", "--prefix-len", "32", "--question-len", "8", "--output-len", "4")
+    res = run_bench("prefix", "-m", tiny, *KV, "--max-running-requests", "1", *args, "--json", out)
+    assert res.code == 0, res.stderr
+    assert re.search(
+        r"^radix / naive: total tok/s = \d+\.\d\dx, prompt tokens computed = 0\.\d{3}x$", res.stdout, re.M
+    )
+    report = json.loads(out.read_text())
+    assert report["command"] == "prefix"
+    radix, naive = report["results"]
+    assert (radix["cache_type"], naive["cache_type"]) == ("radix", "naive")
+    for r in (radix, naive):
+        assert (r["num_requests"], r["input_tokens"], r["output_tokens"]) == (4, 4 * 40, 4 * 4)
+    assert naive["prefill_tokens"] == 4 * 40 and naive["cached_tokens"] == 0
+    assert radix["cached_tokens"] == 3 * 32
+    assert radix["prefill_tokens"] == 40 + 3 * 8
+    metrics = {c["metric"]: c for c in report["comparisons"]}
+    assert metrics["prefill_tokens"]["ratio"] == (40 + 3 * 8) / (4 * 40)
+
+
+def test_prefix_command_refuses_a_cache_type_flag(tiny: Path) -> None:
+    res = run_bench("prefix", "-m", tiny, *KV, "--cache-type", "naive")
+    assert res.code == 2 and len(res.error_lines) == 1 and "drop --cache-type" in res.error_lines[0]

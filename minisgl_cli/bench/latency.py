@@ -141,6 +141,7 @@ def _measure(llm: LLM, batch_size: int, input_len: int, output_len: int, seed: i
         raise MinisglError("the engine is busy with other requests: a latency run needs it to itself")
     vocab_size = llm.runner.model_config.vocab_size
     workload = random_workload(batch_size, (input_len, input_len), (output_len, output_len), vocab_size, seed)
+    scheduler.drop_cached_prefixes()  # the warm-up and earlier batch sizes use the same prompts
     preemptions = scheduler.stats().num_preemptions
     reqs = [scheduler.add(r.prompt_ids, exact_greedy(output_len)) for r in workload.requests]
     prefill_s = decode_s = 0.0

@@ -34,6 +34,7 @@ class ThroughputResult:
     input_tokens: int
     output_tokens: int
     elapsed_s: float
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (engine only)
 
     @property
     def requests_per_s(self) -> float:
@@ -66,26 +67,40 @@ def check_fits(workload: Workload, max_seq_len: int) -> None:
         )
 
 
-def run_offline(llm: LLM, workload: Workload, on_done: Progress | None = None) -> ThroughputResult:
-    """Warm up, then run every request of `workload` through `llm` in one call and time it.
+def warm_up(llm: LLM) -> None:
+    """One small untimed run: prefill, decode and sampling each run once before anything is timed."""
+    llm.generate(warmup_prompt(llm.runner.model_config.vocab_size), exact_greedy(WARMUP_OUTPUT_LEN))
+
+
+def run_offline(
+    llm: LLM,
+    workload: Workload,
+    on_done: Progress | None = None,
+    *,
+    system: str = "minisgl",
+    warmup: bool = True,
+) -> ThroughputResult:
+    """Warm up (unless the caller did), then run every request of `workload` through `llm` in one call and time it.
 
     `on_done(1)` is called as each request finishes (for a progress bar); its cost is inside the timing, so it
     must be cheap.
     """
     check_fits(workload, llm.scheduler.max_seq_len)
-    vocab_size = llm.runner.model_config.vocab_size
-    llm.generate(warmup_prompt(vocab_size), exact_greedy(WARMUP_OUTPUT_LEN))
+    if warmup:
+        warm_up(llm)
+    llm.scheduler.drop_cached_prefixes()  # nothing from an earlier run may be reused by the timed one
     prompts = [r.prompt_ids for r in workload.requests]
     params = [exact_greedy(r.output_len) for r in workload.requests]
-    input_tokens = output_tokens = 0
+    input_tokens = output_tokens = cached_tokens = 0
     start = time.perf_counter()
     for out in llm.iter_outputs(prompts, params):
         input_tokens += out.usage.prompt_tokens
         output_tokens += out.usage.completion_tokens
+        cached_tokens += out.usage.cached_tokens
         if on_done is not None:
             on_done(1)
     elapsed = time.perf_counter() - start
-    return ThroughputResult("minisgl", len(prompts), input_tokens, output_tokens, elapsed)
+    return ThroughputResult(system, len(prompts), input_tokens, output_tokens, elapsed, cached_tokens)
 
 
 def exact_greedy(max_tokens: int) -> SamplingParams:

@@ -71,6 +71,27 @@ def random_workload(
     return Workload(requests)
 
 
+def shared_prefix_workload(
+    num_requests: int, prefix_len: int, question_len: int, output_len: int, vocab_size: int, seed: int
+) -> Workload:
+    """Requests that share one `prefix_len`-token prefix (a system prompt) followed by `question_len` tokens
+    of their own: the workload a prefix cache is for. Token ids are uniformly random from `seed`."""
+    if num_requests < 1 or prefix_len < 1 or question_len < 1 or output_len < 1:
+        raise UsageError(
+            "a shared-prefix workload needs at least 1 request and lengths >= 1 "
+            f"(got {num_requests} requests, prefix {prefix_len}, question {question_len}, output {output_len})"
+        )
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(0, vocab_size, size=prefix_len).tolist()
+    requests = [
+        BenchRequest(
+            prompt_ids=prefix + rng.integers(0, vocab_size, size=question_len).tolist(), output_len=output_len
+        )
+        for _ in range(num_requests)
+    ]
+    return Workload(requests)
+
+
 def load_workload(bench: BenchConfig, vocab_size: int) -> Workload:
     """The workload a `[bench]` config describes (dataset, number of prompts, length ranges, seed)."""
     if bench.dataset not in DATASETS:

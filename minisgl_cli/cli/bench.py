@@ -203,6 +203,91 @@ def latency(
         )
 
 
+@app.command()
+@with_config("engine")
+def prefix(
+    cfg: LoadedConfig,
+    num_prompts: Annotated[
+        int, typer.Option("--num-prompts", help="Requests sharing the prefix.", min=1)
+    ] = 64,
+    prefix_len: Annotated[
+        int, typer.Option("--prefix-len", help="Tokens of the shared prefix.", min=1)
+    ] = 1000,
+    question_len: Annotated[
+        int, typer.Option("--question-len", help="Tokens each request adds after the prefix.", min=1)
+    ] = 50,
+    output_len: Annotated[
+        int, typer.Option("--output-len", help="Tokens each request generates.", min=1)
+    ] = 64,
+    dataset_seed: Annotated[
+        int, typer.Option("--dataset-seed", help="Seed of the random token ids.", min=0)
+    ] = 0,
+    json_path: JsonOption = None,
+) -> None:
+    """Prefix caching: the same shared-prefix workload with --cache-type radix, then naive, in one run.
+
+    Every request is one shared --prefix-len prefix (a system prompt) plus --question-len tokens of its own
+    and generates exactly --output-len tokens (greedy, eos ignored). Prints the prompt tokens the model
+    computed (the shared part ideally once), the tokens served from the cache, and throughput for each.
+
+    Example: minisgl bench prefix --num-prompts 64 --prefix-len 1000 --question-len 50 --output-len 64
+    """
+    if cfg.sources["cache_type"] != "default":
+        raise UsageError("bench prefix runs both --cache-type radix and naive itself: drop --cache-type")
+    _check_json_path(json_path)
+
+    from minisgl_cli.bench.prefix import comparisons, record, run_prefix, table
+    from minisgl_cli.bench.report import machine_info, write_report
+    from minisgl_cli.bench.workload import shared_prefix_workload
+    from minisgl_cli.engine.llm import LLM
+
+    engine = cfg.config.engine
+    setup = _setup(engine)
+    workload = shared_prefix_workload(
+        num_prompts, prefix_len, question_len, output_len, setup.model_config.vocab_size, dataset_seed
+    )
+    results = []
+    for cache_type in ("radix", "naive"):
+        llm = LLM.from_config(dataclasses.replace(engine, cache_type=cache_type))
+        with _progress(cache_type, num_prompts) as advance:
+            results.append(run_prefix(llm, cache_type, workload, advance))
+        del llm  # one engine's KV pool at a time
+        gc.collect()
+    columns, rows = table(results)
+    ui.print_table(f"bench prefix: {setup.source.name}", columns, rows)
+    ratios = comparisons(*results)
+    ui.console.print(
+        f"radix / naive: total tok/s = {ratios[0]['ratio']:.2f}x, prompt tokens computed = {ratios[1]['ratio']:.3f}x",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if json_path is not None:
+        bench = {
+            "num_prompts": num_prompts,
+            "prefix_len": prefix_len,
+            "question_len": question_len,
+            "output_len": output_len,
+            "dataset_seed": dataset_seed,
+        }
+        config = {
+            "model": setup.source.name,
+            "device": str(setup.device),
+            "dtype": str(setup.dtype).removeprefix("torch."),
+            "engine": dataclasses.asdict(engine),
+            "bench": bench,
+        }
+        report = {
+            "schema_version": 1,
+            "command": "prefix",
+            "machine": machine_info(),
+            "config": config,
+            "results": [record(r) for r in results],
+            "comparisons": ratios,
+        }
+        write_report(json_path, report)
+        ui.err_console.print(f"wrote {json_path}", highlight=False, soft_wrap=True)
+
+
 # ---- shared steps
 
 
@@ -237,10 +322,7 @@ def _load_hf(engine: EngineConfig, setup: _Setup) -> PreTrainedModel:
 @contextmanager
 def _progress(label: str, total: int) -> Iterator[Progress]:
     """A transient progress bar on stderr; yields the callback that advances it."""
-    bar = ui.progress(transient=True)
-    # Off when stderr is not a terminal: it could not redraw there, and rich would leave a stray blank line.
-    bar.disable = not bar.console.is_terminal
-    with bar:
+    with ui.progress(transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
 
