@@ -63,6 +63,8 @@ def test_radix_reuses_shared_prefixes_and_changes_no_token(model_dir: Path, page
     assert r.tokens_generated == n.tokens_generated
     cache = radix.scheduler.cache.stats()
     assert cache.hit_tokens == total_cached
+    assert r.prefix_hit_tokens == total_cached and n.prefix_hit_rate == 0.0
+    assert r.prefix_hit_rate == total_cached / r.prefix_queried_tokens > 0.5
     # Idle: every page is free or cached, and no cached page is locked.
     assert radix.scheduler.allocator.num_free + cache.cached_pages == radix.scheduler.allocator.num_usable
     assert cache.evictable_pages == cache.cached_pages > 0

@@ -51,6 +51,12 @@ class SchedulerStats:
     num_preemptions: int
     pages_used: int  # held by requests; cached pages no request holds count as free (evicted on demand)
     pages_total: int
+    prefix_hit_tokens: int  # prompt tokens read from the prefix cache at admission
+    prefix_queried_tokens: int  # prompt tokens looked up in it
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
 
 
 class Scheduler:
@@ -126,6 +132,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def stats(self) -> SchedulerStats:
+        cache = self.cache.stats()
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
@@ -135,8 +142,10 @@ class Scheduler:
             num_preemptions=self._num_preemptions,
             pages_used=self.allocator.num_usable
             - self.allocator.num_free
-            - self.cache.stats().evictable_pages,
+            - cache.evictable_pages,
             pages_total=self.allocator.num_usable,
+            prefix_hit_tokens=cache.hit_tokens,
+            prefix_queried_tokens=cache.queried_tokens,
         )
 
     # ---- one step
