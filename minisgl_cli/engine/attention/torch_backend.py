@@ -30,6 +30,10 @@ class _Group:
     # None when the group is the whole step without padding: its output already is the step's, in order.
     token_index: torch.Tensor | None
     flat_index: torch.Tensor | None
+    # Gather buffers for the group's k and v, [B * L, H_kv, D], reused by every layer of the step: fresh
+    # tensors of this size per layer cost more in page faults than the gather itself on CPU.
+    k_buf: torch.Tensor
+    v_buf: torch.Tensor
 
 
 class TorchBackend(AttentionBackend):
@@ -51,8 +55,8 @@ class TorchBackend(AttentionBackend):
         for g in self._groups:
             # [B, E, H, D] -> [B, H, E, D], the layout SDPA wants.
             qg = q[g.q_index].transpose(1, 2)
-            kg = _gather(k_cache, g.kv_slots).transpose(1, 2)
-            vg = _gather(v_cache, g.kv_slots).transpose(1, 2)
+            kg = _gather(k_cache, g.kv_slots, g.k_buf).transpose(1, 2)
+            vg = _gather(v_cache, g.kv_slots, g.v_buf).transpose(1, 2)
             og = F.scaled_dot_product_attention(
                 qg, kg, vg, attn_mask=g.mask, scale=self.scale, enable_gqa=True
             )
@@ -92,15 +96,21 @@ class TorchBackend(AttentionBackend):
             valid = new[None, :] < extend[:, None]  # [B, E], host-side
             token_index = q_index[valid].to(device, non_blocking=True)
             flat_index = torch.nonzero(valid.flatten()).squeeze(1).to(device, non_blocking=True)
+        pool = self.kv_pool.k(0)
+        buf_shape = (kv_slots.numel(), *pool.shape[1:])
         return _Group(
             q_index=q_index.to(device, non_blocking=True),
             kv_slots=kv_slots,
             mask=mask,
             token_index=token_index,
             flat_index=flat_index,
+            k_buf=torch.empty(buf_shape, dtype=pool.dtype, device=pool.device),
+            v_buf=torch.empty(buf_shape, dtype=pool.dtype, device=pool.device),
         )
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache [num_slots, H, D] rows at slots [B, L] -> [B, L, H, D]; index_select is the fastest gather on CPU."""
-    return cache.index_select(0, slots.flatten()).view(*slots.shape, *cache.shape[1:])
+def _gather(cache: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """cache [num_slots, H, D] rows at slots [B, L] -> [B, L, H, D] in `out`; index_select is the fastest
+    gather on CPU."""
+    torch.index_select(cache, 0, slots.flatten(), out=out)
+    return out.view(*slots.shape, *cache.shape[1:])
