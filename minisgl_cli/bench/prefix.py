@@ -44,12 +44,8 @@ RESULT_KEYS = (
 @dataclass(frozen=True)
 class PrefixResult:
     cache_type: str
-    run: ThroughputResult
+    run: ThroughputResult  # requests, tokens (cached ones included), time and rates
     prefill_tokens: int  # prompt tokens run through the model (recomputed ones after a preemption included)
-
-    def __getattr__(self, name: str) -> Any:
-        # num_requests, input_tokens, ..., total_tok_per_s: the throughput run's own.
-        return getattr(self.run, name)
 
 
 def run_prefix(
@@ -66,7 +62,7 @@ def comparisons(radix: PrefixResult, naive: PrefixResult) -> list[dict[str, Any]
     return [
         {"metric": metric, "radix": value(radix), "naive": value(naive), "ratio": value(radix) / value(naive)}
         for metric, value in (
-            ("total_tok_per_s", lambda r: r.total_tok_per_s),
+            ("total_tok_per_s", lambda r: r.run.total_tok_per_s),
             ("prefill_tokens", lambda r: r.prefill_tokens),
         )
     ]
@@ -86,13 +82,13 @@ def table(results: list[PrefixResult]) -> tuple[tuple[str, ...], list[tuple[str,
     rows = [
         (
             r.cache_type,
-            str(r.num_requests),
-            f"{r.input_tokens:,}",
+            str(r.run.num_requests),
+            f"{r.run.input_tokens:,}",
             f"{r.prefill_tokens:,}",
-            f"{r.cached_tokens:,}",
-            f"{r.elapsed_s:.2f}",
-            f"{r.output_tok_per_s:,.1f}",
-            f"{r.total_tok_per_s:,.1f}",
+            f"{r.run.cached_tokens:,}",
+            f"{r.run.elapsed_s:.2f}",
+            f"{r.run.output_tok_per_s:,.1f}",
+            f"{r.run.total_tok_per_s:,.1f}",
         )
         for r in results
     ]
@@ -100,4 +96,5 @@ def table(results: list[PrefixResult]) -> tuple[tuple[str, ...], list[tuple[str,
 
 
 def record(result: PrefixResult) -> dict[str, Any]:
-    return {key: getattr(result, key) for key in RESULT_KEYS}
+    own = {"cache_type": result.cache_type, "prefill_tokens": result.prefill_tokens}
+    return {key: own[key] if key in own else getattr(result.run, key) for key in RESULT_KEYS}

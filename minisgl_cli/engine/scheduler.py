@@ -140,9 +140,7 @@ class Scheduler:
             tokens_decoded=self._tokens_decoded,
             tokens_generated=self._tokens_generated,
             num_preemptions=self._num_preemptions,
-            pages_used=self.allocator.num_usable
-            - self.allocator.num_free
-            - cache.evictable_pages,
+            pages_used=self.allocator.num_usable - self.allocator.num_free - cache.evictable_pages,
             pages_total=self.allocator.num_usable,
             prefix_hit_tokens=cache.hit_tokens,
             prefix_queried_tokens=cache.queried_tokens,
@@ -279,6 +277,8 @@ class Scheduler:
         queue order, so with no prefix cache this is first come, first served."""
         if not 1 < len(self.waiting) <= LPM_MAX_QUEUE:
             return
+        if self.allocator.num_free == 0 and self.cache.stats().evictable_pages == 0:
+            return  # nothing can be admitted this step: spare the tree walks (decode steps of a full pool)
 
         def priority(item: tuple[int, Req]) -> tuple[int, int, int]:
             position, req = item
