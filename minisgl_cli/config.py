@@ -146,7 +146,7 @@ class EngineConfig(_Section):
 @dataclass
 class ServerConfig(_Section):
     host: str = setting("127.0.0.1", "Address the HTTP server listens on.")
-    port: int = setting(1919, "Port the HTTP server listens on.", min=1, max=65535)
+    port: int = setting(1919, "Port the HTTP server listens on (0: any free port).", min=0, max=65535)
     api_key: str | None = setting(None, "Require this key as 'Authorization: Bearer KEY'.")
     max_queue: int = setting(1024, "Most waiting requests before new ones get HTTP 503.", min=1)
     num_tokenizers: int = setting(1, "Tokenizer worker processes.", min=1)

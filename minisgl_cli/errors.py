@@ -18,3 +18,11 @@ class UsageError(MinisglError):
     """The user asked for something invalid (bad flag value, unknown config key, ...). CLI exit code 2."""
 
     exit_code = 2
+
+
+class InvalidParameter(UsageError):
+    """A request parameter is out of range. `param` names it, so the server can fill OpenAI's error field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param

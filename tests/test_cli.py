@@ -192,7 +192,7 @@ def test_config_file_from_env(tmp_path: Path) -> None:
     [
         (("config", "show", "--port", "abc"), {}, ("--port",)),  # type conversion by the CLI parser
         (("config", "show", "--dtype", "f8"), {}, ("--dtype", "f8")),
-        (("config", "show", "--port", "0"), {}, ("flag --port = 0: expected an integer in [1, 65535]",)),
+        (("config", "show", "--port", "-1"), {}, ("flag --port = -1: expected an integer in [0, 65535]",)),
         (("config", "show", "--bogus"), {}, ("--bogus",)),
         (("--log-level", "loud", "config", "show"), {}, ("--log-level",)),
         (
@@ -214,12 +214,12 @@ def test_user_mistakes_exit_2_with_one_line(
 
 @pytest.mark.parametrize(("args", "env"), [(("--debug",), {}), ((), {"MINISGL_DEBUG": "1"})])
 def test_debug_shows_the_traceback(tmp_path: Path, args: tuple[str, ...], env: dict[str, str]) -> None:
-    result = cli(*args, "config", "show", "--port", "0", cwd=tmp_path, env=env)
+    result = cli(*args, "config", "show", "--port", "-1", cwd=tmp_path, env=env)
     assert result.returncode == 2
     assert "Traceback" in result.stderr
     assert "UsageError" in result.stderr
     assert (
-        result.stderr.strip().splitlines()[-1] == "error: flag --port = 0: expected an integer in [1, 65535]"
+        result.stderr.strip().splitlines()[-1] == "error: flag --port = -1: expected an integer in [0, 65535]"
     )
 
 

@@ -207,7 +207,7 @@ class TestErrors:
             ("port = 80\n", "key port must be under [server]"),
             ("engine = 3\n", "engine must be a [engine] table"),
             ('[engine]\npage_size = "16"\n', '[engine] page_size = "16": expected an integer in [1, 4096]'),
-            ("[server]\nport = true\n", "[server] port = true: expected an integer in [1, 65535]"),
+            ("[server]\nport = true\n", "[server] port = true: expected an integer in [0, 65535]"),
             ("[engine]\ndummy_weights = 1\n", "[engine] dummy_weights = 1: expected true or false"),
             ("[engine]\nmodel = 3\n", "[engine] model = 3: expected a string"),
             ("[engine]\npage_size = 5000\n", "[engine] page_size = 5000: expected an integer in [1, 4096]"),
@@ -282,8 +282,8 @@ class TestErrors:
     @pytest.mark.parametrize(
         ("flags", "expected"),
         [
-            ({"port": 0}, "flag --port = 0: expected an integer in [1, 65535]"),
-            ({"port": "80"}, 'flag --port = "80": expected an integer in [1, 65535]'),
+            ({"port": -1}, "flag --port = -1: expected an integer in [0, 65535]"),
+            ({"port": "80"}, 'flag --port = "80": expected an integer in [0, 65535]'),
             ({"dtype": "f8"}, 'flag --dtype = "f8": expected one of auto, float32, bfloat16, float16'),
             ({"top_p": 0.0}, "flag --top-p = 0.0: expected a number in (0, 1]"),
             ({"output_len": "0"}, 'flag --output-len = "0": expected "N" or "MIN,MAX" with 1 <= MIN <= MAX'),

@@ -8,9 +8,7 @@ request (detokenization, stop strings).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from minisgl_cli.config import EngineConfig
@@ -22,8 +20,6 @@ from minisgl_cli.errors import MinisglError, UsageError
 # What the API accepts: one prompt or a list; one SamplingParams for all, one per prompt, or defaults.
 Prompts = Prompt | Sequence[Prompt]
 Sampling = SamplingParams | Sequence[SamplingParams] | None
-# Files any one of which means a directory carries a tokenizer.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class LLM:
@@ -48,55 +44,18 @@ class LLM:
         return llm
 
     def _start(self, cfg: EngineConfig) -> None:
-        # Heavy imports here, so importing this module (e.g. for its types) stays cheap.
-        from minisgl_cli.engine.device import resolve_device, resolve_dtype
-        from minisgl_cli.engine.kv.naive_cache import NaiveCache
-        from minisgl_cli.engine.kv.prefix_cache import PrefixCache
-        from minisgl_cli.engine.kv.radix_cache import RadixCache
-        from minisgl_cli.engine.model_runner import ModelRunner
-        from minisgl_cli.engine.models.config import ModelConfig
-        from minisgl_cli.engine.scheduler import Scheduler
-        from minisgl_cli.model_source import resolve_model
+        from minisgl_cli.engine.builder import build_engine, load_tokenizer
 
         if cfg.tp != 1:
             raise UsageError(
                 f"tp={cfg.tp}: the in-process LLM runs on one device; tensor parallelism needs `minisgl serve`"
             )
         self.config = cfg
-        source = resolve_model(cfg.model, cfg.dummy_weights)
-        self.model_name = source.name
-        model_config = ModelConfig.from_hf(source.hf_config)
-        self.tokenizer = _load_tokenizer(source.path)
-        device = resolve_device(cfg.device)
-        context_len = model_config.max_position_embeddings
-        if cfg.context_length is not None:
-            context_len = min(context_len, cfg.context_length)
-        self.runner = ModelRunner(
-            model_config,
-            None if cfg.dummy_weights else source.path,
-            dtype=resolve_dtype(cfg.dtype, device),
-            device=device,
-            page_size=cfg.page_size,
-            max_running_requests=cfg.max_running_requests,
-            max_context_len=context_len,
-            kv_cache_tokens=cfg.kv_cache_tokens,
-            kv_cache_gb=cfg.kv_cache_gb,
-            mem_fraction=cfg.mem_fraction,
-            attention_backend=cfg.attention_backend,
-            random_seed=cfg.random_seed,
-        )
-        # "radix" (the default) reuses the K/V of shared prompt prefixes; "naive" recomputes every prompt.
-        cache: PrefixCache = (
-            RadixCache(cfg.page_size) if cfg.cache_type == "radix" else NaiveCache(cfg.page_size)
-        )
-        eos = list(dict.fromkeys(model_config.eos_token_ids + _generation_eos(source.path)))
-        self.scheduler = Scheduler(
-            self.runner,
-            cache,
-            max_prefill_tokens=cfg.max_prefill_tokens,
-            eos_token_ids=eos,
-            random_seed=cfg.random_seed,
-        )
+        engine = build_engine(cfg)
+        self.model_name = engine.source.name
+        self.tokenizer = load_tokenizer(engine.source.path)
+        self.runner = engine.runner
+        self.scheduler = engine.scheduler
         self._busy = False
 
     # ---- the API
@@ -185,29 +144,3 @@ def _sampling_list(sampling: Sampling, n: int) -> list[SamplingParams]:
             f"got {len(params)} sampling parameter sets for {n} prompts: give one, or one per prompt"
         )
     return params
-
-
-def _load_tokenizer(path: Path | None) -> Any | None:
-    """The model directory's tokenizer; None for a built-in shape or a directory without tokenizer files."""
-    if path is None or not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise MinisglError(f"cannot load the tokenizer of {path}: {exc}") from exc
-
-
-def _generation_eos(path: Path | None) -> list[int]:
-    """eos ids from generation_config.json, which chat models often extend beyond config.json's."""
-    file = path / "generation_config.json" if path is not None else None
-    if file is None or not file.is_file():
-        return []
-    try:
-        value = json.loads(file.read_text()).get("eos_token_id")
-    except (OSError, json.JSONDecodeError):
-        return []
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]

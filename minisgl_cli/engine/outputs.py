@@ -35,32 +35,31 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
 
 
-class OutputBuilder:
-    """One request's text, built as its tokens arrive. Without a tokenizer the text stays ""."""
+class TextStream:
+    """The text of one request's generated tokens as they arrive: incremental detokenization, then stop
+    strings. Shared by the in-process OutputBuilder and the server's tokenizer workers."""
 
-    def __init__(self, index: int, req: Req, tokenizer: Any | None) -> None:
-        self.index = index
-        self.req = req
-        self._detok = IncrementalDetokenizer(tokenizer, req.prompt_ids) if tokenizer is not None else None
-        self._stop = StopMatcher(req.sampling.stop) if req.sampling.stop and tokenizer is not None else None
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: list[str]) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._stop = StopMatcher(stop) if stop else None
         self._parts: list[str] = []
-        self._num_seen = 0  # generated tokens already detokenized
         self.stop_matched = False
 
-    def update(self) -> str:
-        """The text delta of the tokens generated since the last call. After it, check `stop_matched`: the
-        caller then finishes the request (its token_ids end with the token that completed the stop)."""
-        start = self.req.prompt_len + self._num_seen
-        new = self.req.token_ids[start:]
-        self._num_seen += len(new)
-        if self._detok is None or self.stop_matched or not new:
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def push(self, ids: list[int]) -> str:
+        """The text delta the new ids complete. After it, check `stop_matched`: the request should then end
+        (its last id is the one that completed the stop string) and later ids are ignored."""
+        if self.stop_matched or not ids:
             return ""
-        return self._emit(self._detok.push(new))
+        return self._emit(self._detok.push(ids))
 
     def finish(self) -> str:
-        """The text still held back, once the request has finished (an incomplete character, a possible
+        """The text still held back once the request has ended (an incomplete character, a possible
         beginning of a stop string that never completed)."""
-        if self._detok is None or self.stop_matched:
+        if self.stop_matched:
             return ""
         tail = self._emit(self._detok.flush())
         if self._stop is not None and not self.stop_matched:
@@ -68,6 +67,40 @@ class OutputBuilder:
             self._parts.append(held)
             tail += held
         return tail
+
+    def _emit(self, text: str) -> str:
+        if self._stop is not None and text:
+            text, self.stop_matched = self._stop.feed(text)
+        self._parts.append(text)
+        return text
+
+
+class OutputBuilder:
+    """One request's text, built as its tokens arrive. Without a tokenizer the text stays ""."""
+
+    def __init__(self, index: int, req: Req, tokenizer: Any | None) -> None:
+        self.index = index
+        self.req = req
+        self._text = (
+            TextStream(tokenizer, req.prompt_ids, req.sampling.stop) if tokenizer is not None else None
+        )
+        self._num_seen = 0  # generated tokens already detokenized
+
+    @property
+    def stop_matched(self) -> bool:
+        return self._text is not None and self._text.stop_matched
+
+    def update(self) -> str:
+        """The text delta of the tokens generated since the last call. After it, check `stop_matched`: the
+        caller then finishes the request (its token_ids end with the token that completed the stop)."""
+        start = self.req.prompt_len + self._num_seen
+        new = self.req.token_ids[start:]
+        self._num_seen += len(new)
+        return self._text.push(new) if self._text is not None else ""
+
+    def finish(self) -> str:
+        """The text still held back, once the request has finished."""
+        return self._text.finish() if self._text is not None else ""
 
     def output(self) -> RequestOutput:
         req = self.req
@@ -82,7 +115,7 @@ class OutputBuilder:
         assert reason is not None, "output() of an unfinished request"
         return RequestOutput(
             index=self.index,
-            text="".join(self._parts),
+            text=self._text.text if self._text is not None else "",
             token_ids=token_ids,
             finish_reason=reason,
             usage=Usage(
@@ -90,9 +123,3 @@ class OutputBuilder:
             ),
             logprobs=logprobs,
         )
-
-    def _emit(self, text: str) -> str:
-        if self._stop is not None and text:
-            text, self.stop_matched = self._stop.feed(text)
-        self._parts.append(text)
-        return text

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from minisgl_cli.errors import UsageError
+from minisgl_cli.errors import InvalidParameter
 
 if TYPE_CHECKING:
     from minisgl_cli.engine.penalties import PenaltyState
@@ -43,9 +43,9 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     def validate(self) -> None:
-        def bad(name: str, expected: str) -> UsageError:
-            return UsageError(
-                f"invalid sampling parameter {name}={getattr(self, name)!r}: expected {expected}"
+        def bad(name: str, expected: str) -> InvalidParameter:
+            return InvalidParameter(
+                f"invalid sampling parameter {name}={getattr(self, name)!r}: expected {expected}", param=name
             )
 
         if not 0.0 <= self.temperature <= 100.0:
