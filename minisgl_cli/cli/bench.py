@@ -1,4 +1,5 @@
-"""``minisgl bench``: offline throughput and batch latency, optionally against transformers (``--baseline hf``).
+"""``minisgl bench``: offline throughput and batch latency, optionally against transformers (``--baseline hf``),
+the shared-prefix cache benchmark, and ``bench serve``, the online benchmark of any OpenAI-compatible server.
 
 Each system runs on its own: the engine first, then (with a baseline) it is released before transformers
 loads the model, so the two never share the device's memory. Both use the same dtype and device, resolved
@@ -9,17 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
+from rich.text import Text
 
 from minisgl_cli.cli import ui
 from minisgl_cli.cli.options import with_config
 from minisgl_cli.config import SETTINGS, EngineConfig, LoadedConfig
-from minisgl_cli.errors import UsageError
+from minisgl_cli.errors import MinisglError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -31,11 +34,15 @@ if TYPE_CHECKING:
     from minisgl_cli.model_source import ModelSource
 
 DEFAULT_HF_BATCH_SIZE = 64
+# bench serve's random token ids lie in [V // 10, V): below every real model's vocabulary, above the special
+# and byte tokens that tokenizers keep at the lowest ids.
+DEFAULT_VOCAB_SIZE = 10_000
 # [bench] settings of the online serving benchmark: meaningless when every request is sent at once.
 _ONLINE_ONLY = ("request_rate", "max_concurrency")
 
 app = typer.Typer(
-    help="Benchmark the engine: offline throughput and batch latency, optionally against transformers.\n\n"
+    help="Benchmark the engine: offline throughput and batch latency, optionally against transformers; "
+    "or any OpenAI-compatible server online (bench serve).\n\n"
     "Example: minisgl bench offline --num-prompts 64 --input-len 128 --output-len 128 --baseline hf",
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -286,6 +293,130 @@ def prefix(
         }
         write_report(json_path, report)
         ui.err_console.print(f"wrote {json_path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@with_config("bench")
+def serve(
+    cfg: LoadedConfig,
+    url: Annotated[
+        str,
+        typer.Option(
+            "--url", help="The OpenAI-compatible server, e.g. http://127.0.0.1:1919 (a trailing /v1 is fine)."
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Model name sent in each request (default: the first id of GET /v1/models).",
+            show_default=False,
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Sent as 'Authorization: Bearer KEY'.", show_default=False)
+    ] = None,
+    dataset_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--dataset-path", help="The ShareGPT JSON file of --dataset sharegpt.", show_default=False
+        ),
+    ] = None,
+    vocab_size: Annotated[
+        int,
+        typer.Option(
+            "--vocab-size",
+            help="random dataset: token ids are drawn from [V // 10, V); keep V below the model's vocabulary.",
+            min=2,
+        ),
+    ] = DEFAULT_VOCAB_SIZE,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="Sampling temperature of every request.", min=0.0)
+    ] = 0.0,
+    slo: Annotated[
+        str | None,
+        typer.Option(
+            "--slo",
+            help="Bounds in ms for goodput, e.g. ttft=200,tpot=50 (keys ttft, tpot, e2e).",
+            show_default=False,
+        ),
+    ] = None,
+    json_path: JsonOption = None,
+) -> None:
+    """Online serving: stream completions from any OpenAI-compatible server and time every token.
+
+    The random dataset sends prompts of random token ids (lengths uniform in --input-len) to /v1/completions;
+    --dataset sharegpt sends each conversation's first human turn from --dataset-path to
+    /v1/chat/completions. Every request asks for its --output-len tokens with ignore_eos. Requests go all at
+    once, or as Poisson arrivals at --request-rate per second; --max-concurrency caps those in flight.
+
+    Prints request and token throughput and TTFT, inter-token latency (ITL), time per output token (TPOT)
+    and end-to-end latency (mean, median, p90, p99), failures, and with --slo the goodput: requests per
+    second that met every bound.
+
+    Example: minisgl bench serve --url http://127.0.0.1:1919 --num-prompts 200 --request-rate 8 --slo ttft=500
+    """
+    from minisgl_cli.bench.report import build_report, serving_notes, serving_tables
+    from minisgl_cli.bench.serving import (
+        Target,
+        arrival_offsets,
+        normalize_url,
+        parse_slo,
+        probe_models,
+        run_serving,
+        summarize,
+    )
+    from minisgl_cli.bench.workload import load_serve_workload
+
+    # httpx logs every request at INFO: one line per request over the progress bar. Kept for --log-level debug.
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    bench = cfg.config.bench
+    sharegpt = bench.dataset == "sharegpt"
+    if sharegpt and cfg.sources["input_len"].startswith("flag"):
+        raise UsageError("--input-len is for the random dataset: sharegpt prompts keep their own length")
+    bounds = parse_slo(slo) if slo is not None else None
+    base_url = normalize_url(url)
+    _check_json_path(json_path)
+    requests = load_serve_workload(bench, dataset_path, vocab_size)
+    offsets = arrival_offsets(len(requests), bench.request_rate, bench.dataset_seed)
+
+    served = probe_models(base_url, api_key)
+    if model is None:
+        if not served:
+            raise MinisglError(f"{base_url}/v1/models lists no model: pass --model")
+        model = served[0]
+    target = Target(base_url, model, api_key, temperature)
+    with _progress("requests", len(requests)) as advance:
+        records, elapsed_s = run_serving(target, requests, offsets, bench.max_concurrency, advance)
+    result = summarize(records, elapsed_s, bounds)
+
+    throughput, latencies = serving_tables(result)
+    # A line of its own: as a table title it would wrap to the narrow table's width.
+    ui.console.print(Text(f"bench serve: {model} at {base_url}"), soft_wrap=True)
+    ui.print_table(None, throughput.columns, throughput.rows)
+    ui.print_table(None, latencies.columns, latencies.rows)
+    for note in serving_notes(result):
+        ui.console.print(Text(note, style="yellow"), soft_wrap=True)
+    if json_path is not None:
+        config = {
+            "model": model,
+            "url": base_url,
+            "bench": {
+                "dataset": bench.dataset,
+                "dataset_path": str(dataset_path) if dataset_path is not None else None,
+                "num_prompts": bench.num_prompts,
+                "input_len": None if sharegpt else bench.input_len,
+                "output_len": bench.output_len,
+                "dataset_seed": bench.dataset_seed,
+                "vocab_size": None if sharegpt else vocab_size,
+                "request_rate": bench.request_rate,
+                "max_concurrency": bench.max_concurrency,
+                "temperature": temperature,
+                "slo": None if bounds is None else dataclasses.asdict(bounds),
+            },
+        }
+        _write(json_path, build_report("serve", config, [result], []))
 
 
 # ---- shared steps
