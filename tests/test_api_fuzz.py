@@ -8,9 +8,9 @@ an error body, and well-formed input reaches the fake engine and comes back.
 from __future__ import annotations
 
 import schemathesis
+from api_fakes import make_app
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
-from test_api import make_app
 
 app, engine = make_app()
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)

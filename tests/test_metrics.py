@@ -7,8 +7,8 @@ import math
 import re
 
 import pytest
+from api_fakes import FakeEngine, chat_body, make_app
 from fastapi.testclient import TestClient
-from test_api import FakeEngine, chat_body, make_app
 
 from minisgl_cli.server import metrics as metrics_module
 from minisgl_cli.server.messages import TextOutput

@@ -460,19 +460,31 @@ def test_a_dead_worker_turns_health_503_and_the_server_exits(small_server: Serve
 # ---- lifecycle
 
 
-def test_sigterm_stops_every_process_and_frees_the_port() -> None:
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_drains_then_stops_every_process(sig: str) -> None:
+    import signal
+
     srv = ServerProcess("--num-tokenizers", "2")
     try:
         url = srv.wait_listening()
         pids = srv.child_pids()
         assert set(pids) == {"scheduler", "tokenizer-0", "tokenizer-1"}
-        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-        assert srv.terminate() == 0
+        body = {"text": COUNTING, "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}, "stream": True}
+        with httpx.stream("POST", f"{url}/generate", json=body, timeout=120) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            srv.proc.send_signal(getattr(signal, sig))  # mid-stream: the request still finishes
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert events[-1]["meta_info"]["completion_tokens"] == 40
+        assert srv.proc.wait(60) == 0
         time.sleep(0.5)
         assert not any(pid_alive(pid) for pid in pids.values())
         port = int(url.rsplit(":", 1)[1])
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", port))  # released
+            # as a restarted server binds it: SO_REUSEADDR passes closed connections in TIME_WAIT, not a listener
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
     finally:
         srv.kill()
 
