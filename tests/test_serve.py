@@ -469,7 +469,11 @@ def test_a_signal_drains_then_stops_every_process(sig: str) -> None:
         url = srv.wait_listening()
         pids = srv.child_pids()
         assert set(pids) == {"scheduler", "tokenizer-0", "tokenizer-1"}
-        body = {"text": COUNTING, "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}, "stream": True}
+        body = {
+            "text": COUNTING,
+            "sampling_params": {"max_new_tokens": 40, "ignore_eos": True},
+            "stream": True,
+        }
         with httpx.stream("POST", f"{url}/generate", json=body, timeout=120) as response:
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data: {"))
