@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from minisgl_cli.bench.rates import TokenRates
 from minisgl_cli.bench.workload import Workload
 from minisgl_cli.engine.request import SamplingParams
 from minisgl_cli.errors import UsageError
@@ -28,7 +29,7 @@ Progress = Callable[[int], None]
 
 
 @dataclass
-class ThroughputResult:
+class ThroughputResult(TokenRates):
     system: str  # "minisgl" or "hf"
     num_requests: int
     input_tokens: int
@@ -39,18 +40,6 @@ class ThroughputResult:
     @property
     def requests_per_s(self) -> float:
         return self.num_requests / self.elapsed_s
-
-    @property
-    def input_tok_per_s(self) -> float:
-        return self.input_tokens / self.elapsed_s
-
-    @property
-    def output_tok_per_s(self) -> float:
-        return self.output_tokens / self.elapsed_s
-
-    @property
-    def total_tok_per_s(self) -> float:
-        return (self.input_tokens + self.output_tokens) / self.elapsed_s
 
 
 def warmup_prompt(vocab_size: int) -> list[int]:

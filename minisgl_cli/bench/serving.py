@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from minisgl_cli.bench.rates import TokenRates
 from minisgl_cli.bench.workload import BenchRequest, ChatRequest
 from minisgl_cli.errors import MinisglError, UsageError
 
@@ -399,7 +400,7 @@ class LatencyStats:
 
 
 @dataclass(frozen=True)
-class ServingResult:
+class ServingResult(TokenRates):
     num_requests: int
     completed: int
     failed: int
@@ -417,18 +418,6 @@ class ServingResult:
     @property
     def requests_per_s(self) -> float:
         return self.completed / self.elapsed_s
-
-    @property
-    def input_tok_per_s(self) -> float:
-        return self.input_tokens / self.elapsed_s
-
-    @property
-    def output_tok_per_s(self) -> float:
-        return self.output_tokens / self.elapsed_s
-
-    @property
-    def total_tok_per_s(self) -> float:
-        return (self.input_tokens + self.output_tokens) / self.elapsed_s
 
     @property
     def goodput_requests_per_s(self) -> float | None:
