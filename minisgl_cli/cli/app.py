@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import typer
 
 from minisgl_cli import __version__
-from minisgl_cli.cli import bench, config_cmd, convert, generate, serve, ui
+from minisgl_cli.cli import bench, chat, config_cmd, convert, generate, serve, ui
 
 app = typer.Typer(
     name="minisgl",
@@ -57,6 +57,7 @@ app.add_typer(config_cmd.app, name="config")
 app.command("convert")(convert.convert)
 app.command("generate")(generate.generate)
 app.command("serve")(serve.serve)
+app.command("chat")(chat.chat)
 app.add_typer(bench.app, name="bench")
 
 

@@ -22,6 +22,16 @@ Prompts = Prompt | Sequence[Prompt]
 Sampling = SamplingParams | Sequence[SamplingParams] | None
 
 
+@dataclasses.dataclass
+class StreamDelta:
+    """What one engine step gave one request, from `LLM.stream_deltas`."""
+
+    index: int  # position of the prompt in the call's input
+    text: str  # may be "": tokens that complete no character yet, or a held-back start of a stop string
+    num_tokens: int  # tokens generated so far
+    output: RequestOutput | None  # on the request's last delta, its finished output; None before
+
+
 class LLM:
     """An inference engine in this process.
 
@@ -75,6 +85,13 @@ class LLM:
         for builder, delta in self._run(prompts, sampling):
             if delta:
                 yield builder.index, delta
+
+    def stream_deltas(self, prompts: Prompts, sampling: Sampling = None) -> Iterator[StreamDelta]:
+        """Like `stream`, but one delta per step that gave a request a token, even an empty one, with the
+        token count so far: what a caller needs for time to first token and tokens per second."""
+        for builder, delta in self._run(prompts, sampling):
+            output = builder.output() if builder.req.finished else None
+            yield StreamDelta(builder.index, delta, builder.req.num_output, output)
 
     # ---- the loop
 

@@ -1,0 +1,71 @@
+"""The in-process backend: the LLM of minisgl_cli.engine, in this process."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from minisgl_cli.chat.backend import Delta
+from minisgl_cli.config import EngineConfig, SamplingConfig
+
+if TYPE_CHECKING:
+    from minisgl_cli.engine.llm import LLM
+
+
+class EngineBackend:
+    location = "in-process"
+
+    def __init__(self, llm: LLM) -> None:
+        self._llm = llm
+        self.model = llm.model_name
+
+    @classmethod
+    def load(cls, engine: EngineConfig) -> EngineBackend:
+        from minisgl_cli.engine.llm import LLM  # torch and the model: only once a chat really starts
+
+        return cls(LLM.from_config(engine))
+
+    def stream(self, messages: list[dict[str, str]], settings: SamplingConfig) -> Iterator[Delta]:
+        from minisgl_cli.engine.request import SamplingParams
+
+        params = SamplingParams(**dataclasses.asdict(settings))
+        steps = self._llm.stream_deltas(messages, params)
+        try:
+            while True:
+                # Ctrl-C lands between engine steps, never inside one, so the scheduler is never left
+                # half-updated; closing `steps` then aborts the request and frees its KV pages.
+                with _sigint_between_steps():
+                    step = next(steps, None)
+                if step is None:
+                    return
+                finish = step.output.finish_reason if step.output is not None else None
+                yield Delta(step.text, step.num_tokens, finish)
+        finally:
+            steps.close()
+
+    def close(self) -> None:
+        pass  # the engine lives as long as the process
+
+
+@contextmanager
+def _sigint_between_steps() -> Iterator[None]:
+    """Hold back SIGINT for the duration of the block, then raise KeyboardInterrupt if one came."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread owns signals
+        yield
+        return
+    received: list[int] = []
+
+    def note(signum: int, _frame: Any) -> None:
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

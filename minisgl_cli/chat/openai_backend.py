@@ -1,0 +1,198 @@
+"""The remote backend: any OpenAI-compatible server (ours or another), over httpx with streaming.
+
+Chat requests go to POST /v1/chat/completions with `stream: true` and `stream_options.include_usage`, so the
+server's own token count arrives as the last event. Every failure becomes one MinisglError line: the server
+unreachable or gone, an HTTP error status (its OpenAI-style message quoted), an error event mid-stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+from minisgl_cli.chat.backend import Delta
+from minisgl_cli.config import SamplingConfig
+from minisgl_cli.errors import MinisglError, UsageError
+
+# Sent always; the other sampling fields (top_k, min_p, penalties, seed) only when changed from their
+# defaults, because they are extensions some servers refuse.
+_ALWAYS_SENT = frozenset({"temperature", "top_p", "max_tokens"})
+_SAMPLING_DEFAULTS = SamplingConfig()
+_API_KEY_STATUSES = (401, 403)
+
+
+class OpenAIBackend:
+    def __init__(self, client: httpx.Client, url: str, model: str) -> None:
+        self._client = client
+        self.location = url
+        self.model = model
+
+    @classmethod
+    def connect(
+        cls,
+        url: str,
+        api_key: str | None = None,
+        model: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> OpenAIBackend:
+        """Check the server answers GET /v1/models and pick the model: `model` if it serves it, else its first.
+
+        MinisglError if the server cannot be reached, refuses the key, or does not serve `model`.
+        """
+        base = _base_url(url)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # No read limit while streaming would hang on a stalled server; ten minutes is beyond any answer.
+        timeout = httpx.Timeout(10.0, read=600.0)
+        client = httpx.Client(base_url=base, headers=headers, timeout=timeout, transport=transport)
+        try:
+            model = _pick_model(_served_models(client, base), model, base)
+        except BaseException:
+            client.close()
+            raise
+        return cls(client, base, model)
+
+    def stream(self, messages: list[dict[str, str]], settings: SamplingConfig) -> Iterator[Delta]:
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **_sampling_fields(settings),
+        }
+        tokens = 0
+        with _transport_errors(self.location):
+            with self._client.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise _status_error(response)
+                for data in _sse_data(response.iter_lines()):
+                    if data == "[DONE]":
+                        return
+                    chunk = _json_object(data)
+                    if "error" in chunk:  # the stream had begun, so the error comes as an event
+                        raise MinisglError(f"the server failed mid-answer: {_message_of(chunk)}")
+                    for choice in chunk.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content") or ""
+                        if text:  # until the usage report, one content chunk stands for one token
+                            tokens += 1
+                        yield Delta(text, tokens, choice.get("finish_reason"))
+                    usage = chunk.get("usage")
+                    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                        tokens = usage["completion_tokens"]
+                        yield Delta("", tokens)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _base_url(url: str) -> str:
+    """The server's root URL; a trailing /v1 (how OpenAI clients write a base URL) is accepted too."""
+    try:
+        parsed = httpx.URL(url.strip())
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise UsageError(f"--url {url}: expected http://HOST:PORT")
+    return str(parsed).rstrip("/").removesuffix("/v1")
+
+
+def _pick_model(served: list[str], model: str | None, base: str) -> str:
+    if model is None:
+        if not served:
+            raise MinisglError(f"the server at {base} lists no models: name one with --model")
+        return served[0]
+    if served and model not in served:
+        raise MinisglError(
+            f"the server at {base} does not serve model '{model}' (it serves: {', '.join(served)})"
+        )
+    return model
+
+
+def _served_models(client: httpx.Client, base: str) -> list[str]:
+    with _transport_errors(base):
+        response = client.get("/v1/models")
+    if response.status_code != 200:
+        raise _status_error(response)
+    try:
+        data = response.json()["data"]
+        return [str(card["id"]) for card in data]
+    except (ValueError, KeyError, TypeError):
+        raise MinisglError(
+            f"{base} does not look like an OpenAI-compatible server: GET /v1/models gave no model list"
+        ) from None
+
+
+@contextmanager
+def _transport_errors(base: str) -> Iterator[None]:
+    """Turn httpx's transport failures into one line naming the server."""
+    try:
+        yield
+    except httpx.ConnectError as exc:
+        raise MinisglError(f"cannot reach a server at {base} ({_reason(exc)})") from None
+    except httpx.TimeoutException:
+        raise MinisglError(f"the server at {base} did not answer in time") from None
+    except httpx.TransportError as exc:
+        raise MinisglError(f"lost the connection to {base} ({_reason(exc)})") from None
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    return text.rsplit("] ", 1)[-1] if text else type(exc).__name__  # "[Errno 111] Connection refused"
+
+
+def _status_error(response: httpx.Response) -> MinisglError:
+    message = f"the server answered HTTP {response.status_code}: {_message_of(_body(response))}"
+    if response.status_code in _API_KEY_STATUSES:
+        message += "; check --api-key"
+    return MinisglError(message)
+
+
+def _body(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        return body
+    return {"error": response.text.strip()[:200] or response.reason_phrase}
+
+
+def _message_of(body: dict[str, Any]) -> str:
+    """The message of an OpenAI-style error body {"error": {"message": ...}} (or {"error": "..."})."""
+    error = body.get("error")
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    if isinstance(error, str) and error:
+        return error
+    return json.dumps(body)[:200]
+
+
+def _sse_data(lines: Iterator[str]) -> Iterator[str]:
+    """The payloads of a server-sent event stream's `data:` lines (comments and other fields skipped)."""
+    for line in lines:
+        if line.startswith("data:"):
+            yield line[len("data:") :].strip()
+
+
+def _json_object(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        chunk = None
+    if not isinstance(chunk, dict):
+        raise MinisglError(f"the server sent an event that is not a JSON object: {data[:100]}")
+    return chunk
+
+
+def _sampling_fields(settings: SamplingConfig) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name in _ALWAYS_SENT or value != getattr(_SAMPLING_DEFAULTS, f.name):
+            fields[f.name] = value
+    return fields

@@ -1,0 +1,100 @@
+"""How an answer is shown while it streams: as live Markdown on a terminal, or as raw text."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Protocol, TextIO
+
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.segment import Segment
+from rich.text import Text
+
+# Redraws per second: smooth to the eye, and the Markdown is parsed at most this often, not per token.
+REFRESH_PER_SECOND = 8
+
+
+class AnswerView(Protocol):
+    def __enter__(self) -> AnswerView: ...
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    def write(self, text: str) -> None: ...
+
+
+class GrowingAnswer:
+    """The answer so far, parsed as Markdown only when rich draws it.
+
+    While it grows, only its last screenful is drawn: a live region taller than the screen cannot be
+    redrawn in place (the terminal cannot move the cursor into what has scrolled away), so rich would
+    either freeze on the top lines or repeat them. Once `done`, the whole answer is drawn, once.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.done = False
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if not self.text:
+            yield Text("" if self.done else "…", style="dim")
+            return
+        markdown = Markdown(self.text)
+        if self.done:
+            yield markdown
+            return
+        lines = console.render_lines(markdown, options, pad=False)
+        for line in lines[-max(options.size.height - 1, 1) :]:  # one row spare for the cursor
+            yield from line
+            yield Segment.line()
+
+
+class MarkdownView:
+    """rich Live over the growing answer, at a fixed refresh rate. Not transient: the final drawing, the
+    whole answer, stays on screen."""
+
+    def __init__(self, console: Console) -> None:
+        self._answer = GrowingAnswer()
+        self._live = Live(
+            self._answer, console=console, refresh_per_second=REFRESH_PER_SECOND, transient=False
+        )
+
+    def __enter__(self) -> MarkdownView:
+        self._live.start(refresh=True)  # the placeholder at once, not a refresh period later
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._answer.done = True
+        self._live.stop()  # its last refresh draws the whole answer
+
+    def write(self, text: str) -> None:
+        self._answer.text += text
+
+
+class PlainView:
+    """The text deltas exactly as they come, then a newline: no escape codes, nothing added."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._written = ""  # the last delta
+
+    def __enter__(self) -> PlainView:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # An answer that ended (or was stopped) gets its line even when empty; a failed one adds nothing.
+        ended = exc is None or isinstance(exc, KeyboardInterrupt)
+        if (ended or self._written) and not self._written.endswith("\n"):
+            self._out.write("\n")
+        self._out.flush()
+
+    def write(self, text: str) -> None:
+        self._out.write(text)
+        self._out.flush()
+        self._written = text

@@ -1,0 +1,97 @@
+"""``minisgl chat``: a terminal chat with the in-process engine, or with any OpenAI-compatible server (--url)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from minisgl_cli.cli import ui
+from minisgl_cli.cli.options import with_config
+from minisgl_cli.config import LoadedConfig
+from minisgl_cli.errors import MinisglError, UsageError
+
+if TYPE_CHECKING:
+    from minisgl_cli.chat.backend import Backend
+    from minisgl_cli.chat.inputs import Source
+
+HISTORY_FILE = "chat_history"
+
+
+@with_config("engine", "sampling")
+def chat(
+    cfg: LoadedConfig,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="Chat with the OpenAI-compatible server at this URL (http://HOST:PORT) instead of running "
+            "the model here; --model then names the server's model (default: the first it lists).",
+            show_default=False,
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key", help="With --url: sent as 'Authorization: Bearer KEY'.", show_default=False
+        ),
+    ] = None,
+    system: Annotated[
+        str | None, typer.Option("--system", help="System prompt to start with.", show_default=False)
+    ] = None,
+    plain: Annotated[
+        bool, typer.Option("--plain", help="Print answers as raw text instead of rendered Markdown.")
+    ] = False,
+) -> None:
+    """Chat in the terminal: answers stream as they are generated, then tokens/s and time to first token.
+
+    The sampling flags (--temperature, --max-tokens, ...) are the starting settings: /set changes them.
+
+    /help lists the commands. Alt+Enter, or a line holding only \"\"\", starts multi-line input.
+
+    Ctrl-C stops an answer, Ctrl-D or /exit leaves.
+
+    With stdin not a terminal, each line is a message and only the answers are printed.
+
+    Example: minisgl chat --temperature 0.7, or minisgl chat --url http://127.0.0.1:1919
+    """
+    from minisgl_cli.chat.conversation import Conversation
+    from minisgl_cli.chat.repl import Repl, piped_output, terminal_output
+
+    if api_key is not None and url is None:
+        raise UsageError("--api-key is for a server: give its --url too")
+    interactive = sys.stdin.isatty()
+    backend = _connect(cfg, url, api_key)
+    try:
+        output = terminal_output(ui.console, plain) if interactive else piped_output(ui.err_console)
+        repl = Repl(backend, Conversation(cfg.config.sampling, system or None), output)
+        repl.run(_source(interactive))
+    finally:
+        backend.close()
+    if repl.failures and not interactive:
+        raise MinisglError(f"{repl.failures} piped line(s) failed: see the errors above")
+
+
+def _connect(cfg: LoadedConfig, url: str | None, api_key: str | None) -> Backend:
+    if url is None:
+        from minisgl_cli.chat.engine_backend import EngineBackend
+
+        return EngineBackend.load(cfg.config.engine)
+    from minisgl_cli.chat.openai_backend import OpenAIBackend
+
+    # httpx logs every request at INFO, a line between every two answers. Kept for --log-level debug.
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    # --model names the server's model only when given on the command line: a model path from a config
+    # file or MINISGL_MODEL is meant for the in-process engine.
+    model = cfg.config.engine.model if cfg.sources["model"].startswith("flag") else None
+    return OpenAIBackend.connect(url, api_key, model)
+
+
+def _source(interactive: bool) -> Source:
+    from minisgl_cli.chat.inputs import PipedInput, TerminalInput
+    from minisgl_cli.model_source import cache_dir
+
+    return TerminalInput(cache_dir() / HISTORY_FILE) if interactive else PipedInput(sys.stdin)
