@@ -179,7 +179,9 @@ class BenchConfig(_Section):
     output_len: str = setting(
         "100,1024", 'Output length in tokens: "N" or "MIN,MAX".', check=_is_length_range, expected=_LENGTHS
     )
-    dataset: str = setting("random", "Prompt dataset.")
+    dataset: str = setting(
+        "random", "Prompt dataset: random, sharegpt (bench serve), or a JSONL/ShareGPT file (bench offline)."
+    )
     dataset_seed: int = setting(0, "Seed for prompt generation and lengths.")
     request_rate: float | None = setting(
         None, "Requests per second, Poisson arrivals (unset: all at once).", min=0, min_exclusive=True

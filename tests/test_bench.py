@@ -5,6 +5,7 @@ No assertion is about speed: times are only checked to be positive and consisten
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -19,6 +20,7 @@ import typer
 from model_helpers import make_tiny_model
 from typer.testing import CliRunner
 
+from minisgl_cli.bench.dataset_file import read_requests
 from minisgl_cli.bench.hf_baseline import load_hf_model, run_hf_latency, run_hf_offline
 from minisgl_cli.bench.latency import (
     DecodeTraffic,
@@ -28,7 +30,7 @@ from minisgl_cli.bench.latency import (
     run_latency,
     with_roofline,
 )
-from minisgl_cli.bench.offline import ThroughputResult, run_offline
+from minisgl_cli.bench.offline import ThroughputResult, exact_greedy, run_offline
 from minisgl_cli.bench.report import (
     LATENCY_KEYS,
     THROUGHPUT_KEYS,
@@ -108,6 +110,9 @@ def test_offline_engine_counts_equal_the_workload(tiny_llm: LLM) -> None:
     assert (res.num_requests, res.input_tokens, res.output_tokens) == (7, w.input_tokens, w.output_tokens)
     assert done == [1] * 7
     assert res.elapsed_s > 0
+    assert (
+        len(res.finish_s) == 7 and res.finish_s == sorted(res.finish_s) and res.finish_s[-1] <= res.elapsed_s
+    )
     assert res.output_tok_per_s == pytest.approx(w.output_tokens / res.elapsed_s)
     assert res.total_tok_per_s == pytest.approx((w.input_tokens + w.output_tokens) / res.elapsed_s)
     assert not tiny_llm.scheduler.has_work
@@ -127,6 +132,9 @@ def test_offline_hf_counts_only_each_requests_own_tokens(hf_model: Any) -> None:
     assert (res.num_requests, res.input_tokens, res.output_tokens) == (6, w.input_tokens, w.output_tokens)
     assert done == [4, 2]  # static batches of 4, in workload order
     assert res.elapsed_s > 0
+    # A static batch's requests all finish when it does.
+    assert res.finish_s[:4] == [res.finish_s[0]] * 4 and res.finish_s[4:] == [res.finish_s[4]] * 2
+    assert res.finish_s[0] < res.finish_s[4] <= res.elapsed_s
 
 
 def test_hf_dummy_weights_are_built_from_the_config_and_seeded(tiny: Path, hf_model: Any) -> None:
@@ -493,3 +501,176 @@ def test_prefix_command_computes_the_shared_prefix_once_with_radix(tiny: Path, t
 def test_prefix_command_refuses_a_cache_type_flag(tiny: Path) -> None:
     res = run_bench("prefix", "-m", tiny, *KV, "--cache-type", "naive")
     assert res.code == 2 and len(res.error_lines) == 1 and "drop --cache-type" in res.error_lines[0]
+
+
+# ---- defaults
+
+
+def test_defaults_match_the_issue() -> None:
+    """offline: 256 random requests, input and output uniform in [100, 1024], seed 0, eos ignored;
+    latency: batch sizes 1, 8, 32, 128 prompt tokens, 256 output tokens."""
+    cfg = BenchConfig()
+    assert (cfg.dataset, cfg.num_prompts, cfg.input_len, cfg.output_len, cfg.dataset_seed) == (
+        "random",
+        256,
+        "100,1024",
+        "100,1024",
+        0,
+    )
+    assert exact_greedy(7).ignore_eos and exact_greedy(7).max_tokens == 7
+    params = inspect.signature(bench.latency).parameters
+    defaults = (params["batch_sizes"].default, params["input_len"].default, params["output_len"].default)
+    assert defaults == ("1,8,32", 128, 256)
+
+
+# ---- dataset files: bench offline --dataset FILE
+
+
+def _write_jsonl(path: Path, entries: list[Any]) -> Path:
+    path.write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+    return path
+
+
+def _sharegpt(path: Path) -> tuple[Path, list[str]]:
+    """4 conversations, 3 of them with a human turn (one spoken by "user"); and those first turns."""
+    conversations = [
+        {
+            "conversations": [
+                {"from": "human", "value": "The quick brown fox"},
+                {"from": "gpt", "value": "jumps"},
+            ]
+        },
+        {"conversations": [{"from": "gpt", "value": "no question here"}]},
+        {
+            "conversations": [
+                {"from": "system", "value": "s"},
+                {"from": "user", "value": "Hello world, hello"},
+            ]
+        },
+        {"conversations": [{"from": "human", "value": "What is the capital of France?"}]},
+    ]
+    path.write_text(json.dumps(conversations))
+    return path, ["The quick brown fox", "Hello world, hello", "What is the capital of France?"]
+
+
+def test_offline_jsonl_dataset_totals_equal_the_files_sums(tiny: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    text = "Once upon a time, in a land far away"
+    entries = [
+        {"prompt": [5, 6, 7, 8], "output_len": 3},
+        {"prompt": text, "output_len": 5, "id": "ignored"},
+        {"prompt": list(range(20, 32))},  # no output_len: one from --output-len
+    ]
+    path = _write_jsonl(tmp_path / "requests.jsonl", entries)
+    out = tmp_path / "r.json"
+    res = run_bench(
+        "offline", "-m", tiny, *KV, "--dataset", path, "--output-len", "4", "--baseline", "hf", "--json", out
+    )
+    assert res.code == 0, res.stderr
+    report = json.loads(out.read_text())
+    # The engine's own usage counts (and the baseline's workload totals) against the file and the reference
+    # tokenizer: token-id prompts keep their length, text is encoded as raw text.
+    input_tokens = 4 + len(AutoTokenizer.from_pretrained(tiny).encode(text)) + 12
+    totals = [
+        (r["system"], r["num_requests"], r["input_tokens"], r["output_tokens"]) for r in report["results"]
+    ]
+    assert totals == [(s, 3, input_tokens, 3 + 5 + 4) for s in ("minisgl", "hf")]
+    bench_config = report["config"]["bench"]
+    assert (bench_config["dataset"], bench_config["num_prompts"], bench_config["input_len"]) == (
+        str(path),
+        3,
+        None,
+    )
+    # --num-prompts keeps the file's first lines.
+    res = run_bench("offline", "-m", tiny, *KV, "--dataset", path, "--num-prompts", "1", "--json", out)
+    assert res.code == 0, res.stderr
+    (row,) = json.loads(out.read_text())["results"]
+    assert (row["num_requests"], row["input_tokens"], row["output_tokens"]) == (1, 4, 3)
+
+
+def test_offline_sharegpt_dataset(tiny: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    path, turns = _sharegpt(tmp_path / "sg.json")
+    out = tmp_path / "r.json"
+    res = run_bench("offline", "-m", tiny, *KV, "--dataset", path, "--output-len", "3", "--json", out)
+    assert res.code == 0, res.stderr
+    (row,) = json.loads(out.read_text())["results"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    assert (row["num_requests"], row["output_tokens"]) == (3, 3 * 3)
+    assert row["input_tokens"] == sum(len(tokenizer.encode(t)) for t in turns)
+
+
+def test_read_requests_from_files(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "a.jsonl", [{"prompt": "hi", "output_len": 2}, {"prompt": [1, 2]}])
+    requests = read_requests(path, None, (5, 9), seed=0)
+    assert [(r.prompt, r.where) for r in requests] == [("hi", "line 1"), ([1, 2], "line 2")]
+    assert requests[0].output_len == 2 and 5 <= requests[1].output_len <= 9
+    assert read_requests(path, None, (5, 9), seed=0) == requests  # drawn lengths are seeded
+    sharegpt, turns = _sharegpt(tmp_path / "sg.json")
+    picked = read_requests(sharegpt, 2, (1, 1), seed=4)
+    assert len(picked) == 2 and {r.prompt for r in picked} <= set(turns)
+    assert sorted(r.prompt for r in read_requests(sharegpt, None, (1, 1), seed=4)) == sorted(turns)
+
+
+def test_token_id_files_never_load_the_tokenizer(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "ids.jsonl", [{"prompt": [3, 4, 5], "output_len": 2}])
+
+    def no_tokenizer() -> None:
+        raise AssertionError("the tokenizer was loaded for a file of token ids")
+
+    cfg = BenchConfig(dataset=str(path))
+    workload = load_workload(cfg, VOCAB, no_tokenizer, whole_file=True)
+    assert workload == Workload([BenchRequest([3, 4, 5], 2)])
+    text = _write_jsonl(tmp_path / "text.jsonl", [{"prompt": "hello", "output_len": 2}])
+    with pytest.raises(UsageError, match="line 1: a text prompt needs a tokenizer"):
+        load_workload(BenchConfig(dataset=str(text)), VOCAB, lambda: None, whole_file=True)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("", "is empty"),
+        ("hello\n", "neither JSONL"),
+        ('{"prompt": "a", "output_len": 2}\n{oops\n', "line 2: not valid JSON"),
+        ('{"text": "a"}\n', 'line 1: expected {"prompt"'),
+        ("[1, 2]\n", "has no conversation with a human turn"),
+        (
+            '{"prompt": "", "output_len": 2}\n',
+            "line 1: the prompt must be non-empty text or a list of token ids",
+        ),
+        ('{"prompt": [1, "x"], "output_len": 2}\n', "line 1: the prompt must be"),
+        ('{"prompt": "a", "output_len": 0}\n', "line 1: output_len must be a positive integer, not 0"),
+        ('{"prompt": "a", "output_len": true}\n', "output_len must be a positive integer, not True"),
+        ('{"prompt": [1, 999], "output_len": 2}\n', "line 1: token id 999 is out of range"),
+        ('[{"conversations": [{"from": "gpt", "value": "a"}]}]', "has no conversation with a human turn"),
+        ("[{oops", "is not a readable JSON file"),
+    ],
+)
+def test_bad_dataset_files_exit_2(tiny: Path, tmp_path: Path, content: str, fragment: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    res = run_bench("offline", "-m", tiny, *KV, "--dataset", path, "--output-len", "2")
+    assert res.code == 2, res.stderr
+    assert len(res.error_lines) == 1 and fragment in res.error_lines[0], res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--dataset", "{dir}"), "is not a file"),
+        (("--dataset", "{dir}/missing.jsonl"), "is not supported: expected 'random' or the path of a JSONL"),
+        (("--dataset", "{file}", "--num-prompts", "3"), "has 2 requests; --num-prompts 3 needs that many"),
+        (("--dataset", "{file}", "--input-len", "8"), "--input-len is for the random dataset"),
+    ],
+)
+def test_dataset_file_arguments_exit_2(
+    tiny: Path, tmp_path: Path, args: tuple[str, ...], fragment: str
+) -> None:
+    file = _write_jsonl(tmp_path / "two.jsonl", [{"prompt": [1, 2], "output_len": 2}] * 2)
+    filled = [a.format(dir=tmp_path, file=file) for a in args]
+    res = run_bench("offline", "-m", tiny, *KV, *filled)
+    assert res.code == 2, res.stderr
+    assert len(res.error_lines) == 1 and fragment in res.error_lines[0], res.stderr

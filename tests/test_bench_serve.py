@@ -573,6 +573,29 @@ def test_command_prints_tables_and_writes_json(fake: FakeServer, tmp_path: Path)
     assert fake.state.max_in_flight <= 2
 
 
+def test_command_plot_writes_a_png(fake: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # matplotlib's font cache goes here rather than under ~, were matplotlib first loaded by this test.
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    out = tmp_path / "serve.png"
+    args = ("--num-prompts", "5", "--input-len", "3", "--output-len", "4", "--plot", out)
+    res = run_bench("serve", "--url", fake.url, *args)
+    assert res.code == 0, res.stderr
+    assert f"wrote {out}" in res.stderr
+    import matplotlib.image
+
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(out).shape == (864, 1200, 4)  # 2 x 2 panels of 5 x 3.6 inches at 120 dpi
+
+
+def test_command_plot_without_matplotlib_exits_2_before_contacting_the_server(
+    dead_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    res = run_bench("serve", "--url", dead_url, "--plot", tmp_path / "p.png")
+    assert res.code == 2, res.stderr  # after the probe of the dead URL it would be 1
+    assert res.error_lines == ['error: --plot needs matplotlib: pip install "minisgl[plot]"']
+
+
 def test_command_reports_failures(fake: FakeServer) -> None:
     fake.state.fail_every = 2
     res = run_bench("serve", "--url", fake.url, "--num-prompts", "4", "--input-len", "3", "--output-len", "2")

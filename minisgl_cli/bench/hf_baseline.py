@@ -81,14 +81,18 @@ def run_hf_offline(
     device = model.device
     _generate(model, [BenchRequest(warmup_prompt(model.config.vocab_size), WARMUP_OUTPUT_LEN)], device)
     requests = workload.requests
+    finish_s: list[float] = []
     start = time.perf_counter()
     for first in range(0, len(requests), batch_size):
         batch = requests[first : first + batch_size]
         _generate(model, batch, device)
+        finish_s.extend([time.perf_counter() - start] * len(batch))  # a static batch ends all at once
         if on_done is not None:
             on_done(len(batch))
     elapsed = time.perf_counter() - start
-    return ThroughputResult("hf", len(requests), workload.input_tokens, workload.output_tokens, elapsed)
+    return ThroughputResult(
+        "hf", len(requests), workload.input_tokens, workload.output_tokens, elapsed, finish_s=finish_s
+    )
 
 
 @torch.inference_mode()

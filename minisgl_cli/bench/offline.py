@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from minisgl_cli.bench.rates import TokenRates
@@ -36,6 +36,8 @@ class ThroughputResult(TokenRates):
     output_tokens: int
     elapsed_s: float
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (engine only)
+    # When each request finished, in seconds after the timed start (for --plot; not in the JSON report).
+    finish_s: list[float] = field(default_factory=list)
 
     @property
     def requests_per_s(self) -> float:
@@ -81,15 +83,19 @@ def run_offline(
     prompts = [r.prompt_ids for r in workload.requests]
     params = [exact_greedy(r.output_len) for r in workload.requests]
     input_tokens = output_tokens = cached_tokens = 0
+    finish_s: list[float] = []
     start = time.perf_counter()
     for out in llm.iter_outputs(prompts, params):
+        finish_s.append(time.perf_counter() - start)
         input_tokens += out.usage.prompt_tokens
         output_tokens += out.usage.completion_tokens
         cached_tokens += out.usage.cached_tokens
         if on_done is not None:
             on_done(1)
     elapsed = time.perf_counter() - start
-    return ThroughputResult(system, len(prompts), input_tokens, output_tokens, elapsed, cached_tokens)
+    return ThroughputResult(
+        system, len(prompts), input_tokens, output_tokens, elapsed, cached_tokens, finish_s=finish_s
+    )
 
 
 def exact_greedy(max_tokens: int) -> SamplingParams:

@@ -12,7 +12,8 @@ JSON document (schema_version 1). Every key is always present; null where it doe
       "config": offline, latency:
                   {"model": str, "dummy_weights": bool, "device": str, "dtype": str, "baseline": "hf" | null,
                    "engine": {every EngineConfig field},
-                   "bench": offline: {"dataset", "num_prompts", "input_len", "output_len", "dataset_seed",
+                   "bench": offline: {"dataset": "random" | the dataset file's path, "num_prompts": requests run,
+                                      "input_len": str | null (a dataset file), "output_len", "dataset_seed",
                                       "hf_batch_size": int | null}
                             latency: {"batch_sizes": [int], "input_len": int, "output_len": int, "seed": int}}
                 serve: {"model": str, "url": str,
@@ -41,7 +42,9 @@ serve counts tokens and rates over completed requests only; "short_outputs" coun
 got fewer tokens than asked (the server stopped early despite ignore_eos). Its definitions of TTFT, ITL,
 TPOT and E2E are in bench/serving.py.
 
-Times are seconds unless the key says ms; rates are per second of wall-clock time.
+Times are seconds unless the key says ms; rates are per second of wall-clock time. bench prefix writes a
+document of the same frame with its own config and results (see bench/prefix.py); `bench compare` reads any
+of them (bench/compare.py).
 """
 
 from __future__ import annotations

@@ -5,22 +5,25 @@ none) and both systems under test get exactly the same input. The random dataset
 output length and token id from one seeded generator, so a seed names one workload on every machine.
 
 The online serving benchmark (`bench serve`) also takes ShareGPT conversations: text prompts sent as chat
-messages, since a client benchmarking some server has no tokenizer of its own.
+messages, since a client benchmarking some server has no tokenizer of its own. The offline benchmark takes a
+dataset file too (JSONL or ShareGPT, see bench/dataset_file.py), tokenized with the model's tokenizer.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from minisgl_cli.config import BenchConfig, parse_length_range
 from minisgl_cli.errors import UsageError
 
-DATASETS = ("random",)
-SERVE_DATASETS = ("random", "sharegpt")  # bench serve's: a server tokenizes text prompts itself
+RANDOM = "random"
+SERVE_DATASETS = (RANDOM, "sharegpt")  # bench serve's: a server tokenizes text prompts itself
 
 
 @dataclass(frozen=True)
@@ -114,26 +117,29 @@ _HUMAN = frozenset({"human", "user"})
 
 
 def sharegpt_workload(
-    path: Path, num_requests: int, output_len: tuple[int, int], seed: int
+    path: Path, num_requests: int | None, output_len: tuple[int, int], seed: int
 ) -> list[ChatRequest]:
-    """`num_requests` conversations of a ShareGPT JSON file (a list of {"conversations": [{"from", "value"}]}),
-    picked in a seeded random order; each becomes its first human turn, with an output length uniform in the
-    inclusive (MIN, MAX) range."""
-    if num_requests < 1:
+    """`num_requests` conversations (None: all of them) of a ShareGPT JSON file (a list of
+    {"conversations": [{"from", "value"}]}), picked in a seeded random order; each becomes its first human
+    turn, with an output length uniform in the inclusive (MIN, MAX) range."""
+    if num_requests is not None and num_requests < 1:
         raise UsageError(f"a workload needs at least one request, not {num_requests}")
     lo, hi = output_len
     if not 1 <= lo <= hi:
         raise UsageError(f"output length range ({lo}, {hi}) is invalid: need 1 <= MIN <= MAX")
     _check_seed(seed)
     prompts = _first_human_turns(path)
-    if len(prompts) < num_requests:
+    if not prompts:
+        raise UsageError(f"ShareGPT file {path} has no conversation with a human turn")
+    count = len(prompts) if num_requests is None else num_requests
+    if len(prompts) < count:
         raise UsageError(
-            f"--dataset-path {path} has {len(prompts)} conversations with a human turn; "
-            f"--num-prompts {num_requests} needs that many"
+            f"ShareGPT file {path} has {len(prompts)} conversations with a human turn; "
+            f"--num-prompts {count} needs that many"
         )
     rng = np.random.default_rng(seed)
-    picked = rng.permutation(len(prompts))[:num_requests]
-    out_lens = rng.integers(lo, hi, size=num_requests, endpoint=True)
+    picked = rng.permutation(len(prompts))[:count]
+    out_lens = rng.integers(lo, hi, size=count, endpoint=True)
     return [ChatRequest(prompts[int(i)], int(n)) for i, n in zip(picked, out_lens, strict=True)]
 
 
@@ -141,11 +147,11 @@ def _first_human_turns(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"--dataset-path {path} does not exist") from None
+        raise UsageError(f"dataset file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"--dataset-path {path} is not a readable JSON file: {exc}") from None
+        raise UsageError(f"dataset file {path} is not a readable JSON file: {exc}") from None
     if not isinstance(data, list):
-        raise UsageError(f'--dataset-path {path}: expected a ShareGPT list of {{"conversations": [...]}}')
+        raise UsageError(f'dataset file {path}: expected a ShareGPT list of {{"conversations": [...]}}')
     prompts = []
     for entry in data:
         turns = entry.get("conversations") if isinstance(entry, dict) else None
@@ -158,10 +164,26 @@ def _first_human_turns(path: Path) -> list[str]:
     return prompts
 
 
-def load_workload(bench: BenchConfig, vocab_size: int) -> Workload:
-    """The workload a `[bench]` config describes (dataset, number of prompts, length ranges, seed)."""
-    if bench.dataset not in DATASETS:
-        raise UsageError(f"dataset {bench.dataset!r} is not supported: expected one of {', '.join(DATASETS)}")
+def load_workload(
+    bench: BenchConfig,
+    vocab_size: int,
+    tokenizer: Callable[[], Any | None] = lambda: None,
+    *,
+    whole_file: bool = False,
+) -> Workload:
+    """The workload a `[bench]` config describes: the random dataset (number of prompts, length ranges,
+    seed), or a dataset file (bench/dataset_file.py) when `dataset` is a path.
+
+    `tokenizer` loads the model's tokenizer, called only for a file with text prompts. `whole_file`: run every
+    request of a file rather than `num_prompts` of them (the caller's choice when --num-prompts was not set).
+    """
+    if bench.dataset != RANDOM:
+        from minisgl_cli.bench.dataset_file import file_workload
+
+        num_requests = None if whole_file else bench.num_prompts
+        output_len = _lengths("--output-len", bench.output_len)
+        path = Path(bench.dataset)
+        return file_workload(path, num_requests, output_len, bench.dataset_seed, vocab_size, tokenizer)
     return random_workload(
         bench.num_prompts,
         _lengths("--input-len", bench.input_len),

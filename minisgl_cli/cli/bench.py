@@ -1,5 +1,6 @@
 """``minisgl bench``: offline throughput and batch latency, optionally against transformers (``--baseline hf``),
-the shared-prefix cache benchmark, and ``bench serve``, the online benchmark of any OpenAI-compatible server.
+the shared-prefix cache benchmark, ``bench serve``, the online benchmark of any OpenAI-compatible server, and
+``bench compare``, two ``--json`` reports side by side. ``--plot FILE`` draws a run's figure (bench/plot.py).
 
 Each system runs on its own: the engine first, then (with a baseline) it is released before transformers
 loads the model, so the two never share the device's memory. Both use the same dtype and device, resolved
@@ -26,10 +27,12 @@ from minisgl_cli.errors import MinisglError, UsageError
 
 if TYPE_CHECKING:
     import torch
+    from matplotlib.figure import Figure
     from transformers import PreTrainedModel
 
     from minisgl_cli.bench.offline import Progress
     from minisgl_cli.bench.report import Comparison, TableData
+    from minisgl_cli.bench.workload import Workload
     from minisgl_cli.engine.models.config import ModelConfig
     from minisgl_cli.model_source import ModelSource
 
@@ -42,7 +45,7 @@ _ONLINE_ONLY = ("request_rate", "max_concurrency")
 
 app = typer.Typer(
     help="Benchmark the engine: offline throughput and batch latency, optionally against transformers; "
-    "or any OpenAI-compatible server online (bench serve).\n\n"
+    "or any OpenAI-compatible server online (bench serve); compare two --json reports (bench compare).\n\n"
     "Example: minisgl bench offline --num-prompts 64 --input-len 128 --output-len 128 --baseline hf",
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -59,6 +62,14 @@ JsonOption = Annotated[
     typer.Option(
         "--json",
         help="Also write the results as JSON (schema in minisgl_cli/bench/report.py).",
+        show_default=False,
+    ),
+]
+PlotOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help='Also draw the results into FILE.png (needs matplotlib: pip install "minisgl\\[plot]").',
         show_default=False,
     ),
 ]
@@ -83,16 +94,25 @@ def offline(
         int | None,
         typer.Option(
             "--hf-batch-size",
-            help=f"Static batch size of the transformers baseline [default: {DEFAULT_HF_BATCH_SIZE}].",
+            help=f"Static batch size of the transformers baseline \\[default: {DEFAULT_HF_BATCH_SIZE}].",
             show_default=False,
         ),
     ] = None,
     json_path: JsonOption = None,
+    plot_path: PlotOption = None,
 ) -> None:
     """Throughput: every prompt at once, each generating exactly its output length (greedy, eos ignored).
 
-    Prompts are random token ids: --num-prompts of them, lengths uniform in --input-len and --output-len
-    (N or MIN,MAX), drawn from --dataset-seed. Prints requests/s and input, output and total tokens/s.
+    --dataset random (the default): prompts of random token ids, --num-prompts of them, lengths uniform in
+    --input-len and --output-len (N or MIN,MAX), drawn from --dataset-seed.
+
+    --dataset FILE: a JSONL file, one {"prompt": text or token ids, "output_len": N} per line, or a ShareGPT
+    JSON file (each conversation's first human turn). Output lengths missing from the file are drawn from
+    --output-len; text is encoded by the model's tokenizer. The whole file runs unless --num-prompts is
+    given (JSONL: its first N lines; ShareGPT: N conversations picked from --dataset-seed).
+
+    Prints requests/s and input, output and total tokens/s. --plot draws tokens/s and requests completed
+    over time.
 
     --baseline hf runs transformers on the same requests as vLLM's HF backend does: static batches of
     --hf-batch-size, left-padded, greedy, every row generating the batch's longest output; only each
@@ -110,16 +130,23 @@ def offline(
     hf_batch_size = DEFAULT_HF_BATCH_SIZE if hf_batch_size is None else hf_batch_size
     if hf_batch_size < 1:
         raise UsageError(f"--hf-batch-size {hf_batch_size}: expected a positive integer")
-    _check_json_path(json_path)
+    from minisgl_cli.bench.workload import RANDOM
+
+    bench = cfg.config.bench
+    from_file = bench.dataset != RANDOM
+    if from_file and cfg.sources["input_len"].startswith("flag"):
+        raise UsageError(
+            "--input-len is for the random dataset: a dataset file's prompts keep their own length"
+        )
+    _check_outputs(json_path, plot_path)
 
     from minisgl_cli.bench.offline import run_offline
     from minisgl_cli.bench.report import build_report, offline_comparisons, offline_table
-    from minisgl_cli.bench.workload import load_workload
     from minisgl_cli.engine.llm import LLM
 
     engine = cfg.config.engine
     setup = _setup(engine)
-    workload = load_workload(cfg.config.bench, setup.model_config.vocab_size)
+    workload = _offline_workload(cfg, setup)
     llm = LLM.from_config(engine)
     with _progress("minisgl", len(workload.requests)) as advance:
         results = [run_offline(llm, workload, advance)]
@@ -132,19 +159,23 @@ def offline(
             results.append(run_hf_offline(model, workload, hf_batch_size, advance))
 
     comparisons = offline_comparisons(results)
-    _print(f"bench offline: {setup.source.name}", offline_table(results), comparisons)
+    title = f"bench offline: {setup.source.name}"
+    _print(title, offline_table(results), comparisons)
     if json_path is not None:
-        bench = cfg.config.bench
         workload_config = {
             "dataset": bench.dataset,
-            "num_prompts": bench.num_prompts,
-            "input_len": bench.input_len,
+            "num_prompts": len(workload.requests),
+            "input_len": None if from_file else bench.input_len,
             "output_len": bench.output_len,
             "dataset_seed": bench.dataset_seed,
             "hf_batch_size": hf_batch_size if baseline else None,
         }
         config = _report_config(engine, setup, baseline, workload_config)
         _write(json_path, build_report("offline", config, results, comparisons))
+    if plot_path is not None:
+        from minisgl_cli.bench.plot import offline_figure
+
+        _save_plot(plot_path, offline_figure(title, results))
 
 
 @app.command()
@@ -162,12 +193,14 @@ def latency(
     ] = 256,
     baseline: BaselineOption = None,
     json_path: JsonOption = None,
+    plot_path: PlotOption = None,
 ) -> None:
     """Latency per batch size: the prefill of B prompts, then the time per decode step and decode tokens/s.
 
     Runs through the engine's scheduler (its real step), greedy, eos ignored; prompts are random token ids
     drawn from --random-seed. Here --input-len and --output-len are single numbers, not the ranges (or the
-    config file's values) that bench offline takes.
+    config file's values) that bench offline takes. --plot draws decode ms/step and prefill ms against the
+    batch size.
 
     Example: minisgl bench latency --dummy-weights -m llama-3.2-1b --batch-sizes 1,16 --input-len 512 --output-len 64
     """
@@ -175,7 +208,7 @@ def latency(
 
     sizes = parse_batch_sizes(batch_sizes)
     check_lengths(input_len, output_len)
-    _check_json_path(json_path)
+    _check_outputs(json_path, plot_path)
 
     from minisgl_cli.bench.latency import DecodeTraffic, peak_bandwidth, run_latency, with_roofline
     from minisgl_cli.bench.report import build_report, latency_comparisons, latency_table
@@ -201,13 +234,18 @@ def latency(
         results = [with_roofline(r, traffic, bandwidth) for r in results]
 
     comparisons = latency_comparisons(results)
-    _print(f"bench latency: {setup.source.name}", latency_table(results), comparisons)
+    title = f"bench latency: {setup.source.name}"
+    _print(title, latency_table(results), comparisons)
     if json_path is not None:
         own = {"batch_sizes": sizes, "input_len": input_len, "output_len": output_len, "seed": seed}
         _write(
             json_path,
             build_report("latency", _report_config(engine, setup, baseline, own), results, comparisons),
         )
+    if plot_path is not None:
+        from minisgl_cli.bench.plot import latency_figure
+
+        _save_plot(plot_path, latency_figure(title, results))
 
 
 @app.command()
@@ -230,21 +268,23 @@ def prefix(
         int, typer.Option("--dataset-seed", help="Seed of the random token ids.", min=0)
     ] = 0,
     json_path: JsonOption = None,
+    plot_path: PlotOption = None,
 ) -> None:
     """Prefix caching: the same shared-prefix workload with --cache-type radix, then naive, in one run.
 
     Every request is one shared --prefix-len prefix (a system prompt) plus --question-len tokens of its own
     and generates exactly --output-len tokens (greedy, eos ignored). Prints the prompt tokens the model
-    computed (the shared part ideally once), the tokens served from the cache, and throughput for each.
+    computed (the shared part ideally once), the tokens served from the cache, and throughput for each;
+    --plot draws both as bars.
 
     Example: minisgl bench prefix --num-prompts 64 --prefix-len 1000 --question-len 50 --output-len 64
     """
     if cfg.sources["cache_type"] != "default":
         raise UsageError("bench prefix runs both --cache-type radix and naive itself: drop --cache-type")
-    _check_json_path(json_path)
+    _check_outputs(json_path, plot_path)
 
     from minisgl_cli.bench.prefix import comparisons, record, run_prefix, table
-    from minisgl_cli.bench.report import machine_info, write_report
+    from minisgl_cli.bench.report import machine_info
     from minisgl_cli.bench.workload import shared_prefix_workload
     from minisgl_cli.engine.llm import LLM
 
@@ -261,7 +301,8 @@ def prefix(
         del llm  # one engine's KV pool at a time
         gc.collect()
     columns, rows = table(results)
-    ui.print_table(f"bench prefix: {setup.source.name}", columns, rows)
+    title = f"bench prefix: {setup.source.name}"
+    ui.print_table(title, columns, rows)
     ratios = comparisons(*results)
     ui.console.print(
         f"radix / naive: total tok/s = {ratios[0]['ratio']:.2f}x, prompt tokens computed = {ratios[1]['ratio']:.3f}x",
@@ -291,8 +332,11 @@ def prefix(
             "results": [record(r) for r in results],
             "comparisons": ratios,
         }
-        write_report(json_path, report)
-        ui.err_console.print(f"wrote {json_path}", highlight=False, soft_wrap=True)
+        _write(json_path, report)
+    if plot_path is not None:
+        from minisgl_cli.bench.plot import prefix_figure
+
+        _save_plot(plot_path, prefix_figure(title, results))
 
 
 @app.command()
@@ -342,6 +386,7 @@ def serve(
         ),
     ] = None,
     json_path: JsonOption = None,
+    plot_path: PlotOption = None,
 ) -> None:
     """Online serving: stream completions from any OpenAI-compatible server and time every token.
 
@@ -352,7 +397,7 @@ def serve(
 
     Prints request and token throughput and TTFT, inter-token latency (ITL), time per output token (TPOT)
     and end-to-end latency (mean, median, p90, p99), failures, and with --slo the goodput: requests per
-    second that met every bound.
+    second that met every bound. --plot draws the CDFs of TTFT, ITL and E2E and output tokens/s over time.
 
     Example: minisgl bench serve --url http://127.0.0.1:1919 --num-prompts 200 --request-rate 8 --slo ttft=500
     """
@@ -377,7 +422,7 @@ def serve(
         raise UsageError("--input-len is for the random dataset: sharegpt prompts keep their own length")
     bounds = parse_slo(slo) if slo is not None else None
     base_url = normalize_url(url)
-    _check_json_path(json_path)
+    _check_outputs(json_path, plot_path)
     requests = load_serve_workload(bench, dataset_path, vocab_size)
     offsets = arrival_offsets(len(requests), bench.request_rate, bench.dataset_seed)
 
@@ -392,8 +437,9 @@ def serve(
     result = summarize(records, elapsed_s, bounds)
 
     throughput, latencies = serving_tables(result)
+    title = f"bench serve: {model} at {base_url}"
     # A line of its own: as a table title it would wrap to the narrow table's width.
-    ui.console.print(Text(f"bench serve: {model} at {base_url}"), soft_wrap=True)
+    ui.console.print(Text(title), soft_wrap=True)
     ui.print_table(None, throughput.columns, throughput.rows)
     ui.print_table(None, latencies.columns, latencies.rows)
     for note in serving_notes(result):
@@ -417,6 +463,38 @@ def serve(
             },
         }
         _write(json_path, build_report("serve", config, [result], []))
+    if plot_path is not None:
+        from minisgl_cli.bench.plot import serving_figure
+
+        _save_plot(plot_path, serving_figure(title, records, elapsed_s))
+
+
+@app.command()
+def compare(
+    a: Annotated[
+        Path,
+        typer.Argument(metavar="A.json", help="The first report (A), written by a bench command's --json."),
+    ],
+    b: Annotated[
+        Path, typer.Argument(metavar="B.json", help="The second report (B), of the same bench command.")
+    ],
+) -> None:
+    """Compare two --json reports of the same benchmark, metric by metric, with the ratio B / A.
+
+    Each metric of A and B side by side, B / A, and whether B did better (rates: higher is better; times
+    and latencies: lower). Results are matched by system (offline), system and batch size (latency), cache type (prefix); a serve
+    report has one. Settings that differ between the two runs are listed under the table.
+
+    Example: minisgl bench compare before.json after.json
+    """
+    from minisgl_cli.bench.compare import compare_reports, comparison_notes, comparison_table, load_report
+
+    comparison = compare_reports(load_report(a), load_report(b))
+    table = comparison_table(comparison)
+    ui.console.print(Text(f"bench compare ({comparison.kind}): A = {a}, B = {b}"), soft_wrap=True)
+    ui.print_table(None, table.columns, table.rows)
+    for note in comparison_notes(comparison):
+        ui.console.print(Text(note, style="yellow"), soft_wrap=True)
 
 
 # ---- shared steps
@@ -480,14 +558,40 @@ def _report_config(
     }
 
 
-def _check_json_path(path: Path | None) -> None:
-    """Refuse an unwritable --json destination before the run, not after it."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise UsageError(f"--json {path} is a directory: give a file path")
-    if not path.parent.is_dir():
-        raise UsageError(f"--json {path}: directory {path.parent} does not exist")
+def _offline_workload(cfg: LoadedConfig, setup: _Setup) -> Workload:
+    from minisgl_cli.bench.workload import load_workload
+    from minisgl_cli.engine.builder import load_tokenizer
+
+    return load_workload(
+        cfg.config.bench,
+        setup.model_config.vocab_size,
+        lambda: load_tokenizer(setup.source.path),
+        # A dataset file runs whole unless a number of prompts was asked for (the default is the random one's).
+        whole_file=cfg.sources["num_prompts"] == "default",
+    )
+
+
+def _check_outputs(json_path: Path | None, plot_path: Path | None) -> None:
+    """Refuse an unwritable --json or --plot destination (or --plot without matplotlib) before the run, not
+    after it."""
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise UsageError(f"{flag} {path} is a directory: give a file path")
+        if not path.parent.is_dir():
+            raise UsageError(f"{flag} {path}: directory {path.parent} does not exist")
+    if plot_path is not None:
+        from minisgl_cli.bench.plot import check_plot_target
+
+        check_plot_target(plot_path)
+
+
+def _save_plot(path: Path, figure: Figure) -> None:
+    from minisgl_cli.bench.plot import save
+
+    save(figure, path)
+    ui.err_console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 def _write(path: Path, report: dict[str, Any]) -> None:
