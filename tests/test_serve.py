@@ -517,3 +517,44 @@ def test_startup_errors_are_one_line(tmp_path: Path) -> None:
         busy = ServerProcess("--port", str(port))
         assert busy.proc.wait(60) == 2
         assert f"cannot listen on 127.0.0.1:{port}" in busy.log
+
+
+def test_bench_serve_against_the_live_server(server: ServerProcess, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from minisgl_cli.bench.workload import random_workload
+
+    before = _metrics(server.url)
+    out = tmp_path / "serve.json"
+    args = ["--num-prompts", "6", "--max-concurrency", "3", "--input-len", "16,32", "--output-len", "4,8"]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minisgl_cli",
+            "bench",
+            "serve",
+            "--url",
+            server.url,
+            *args,
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())["results"][0]
+    # The same workload the command builds: random ids in [1000, 10000), seed 0.
+    workload = random_workload(6, (16, 32), (4, 8), 10_000, 0, first_id=1_000)
+    assert (result["completed"], result["failed"]) == (6, 0)
+    assert result["input_tokens"] == workload.input_tokens
+    assert result["output_tokens"] == workload.output_tokens
+    after = _wait_idle(server.url)
+    assert (
+        after["minisgl_generation_tokens_total"] - before["minisgl_generation_tokens_total"]
+        == workload.output_tokens
+    )
+    assert result["p99_ttft_ms"] >= result["median_ttft_ms"] > 0
