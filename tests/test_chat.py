@@ -665,10 +665,14 @@ def test_url_mode_terminal_keys(tmp_path: Path, server: ServerProcess) -> None:
     assert 0 < stop_a_long_answer(child) < 400
     command(child, "/reset", "conversation cleared")
     command(child, "/set max_tokens 2", "max_tokens = 2")
+    # Each key goes in once the REPL has shown the previous one took effect: a busy machine must not reorder
+    # keystrokes against the prompt's redraws.
     child.send("never sent")
+    child.expect_exact("never sent")
     child.sendintr()  # at the prompt: clears the line
     child.expect_exact(">>> ")
     child.send("Say hi\x1b\r")  # Alt+Enter (Escape, Enter): a newline, not the end of the message
+    child.expect_exact("...")  # the continuation prompt (its space is drawn as a cursor move)
     child.send("in French\r")
     child.expect(STATS)
     child.expect_exact(">>> ")
