@@ -36,9 +36,7 @@ from minisgl_cli.bench.serving import (
     Slo,
     Target,
     arrival_offsets,
-    normalize_url,
     parse_slo,
-    probe_models,
     run_serving,
     summarize,
 )
@@ -52,6 +50,7 @@ from minisgl_cli.bench.workload import (
 from minisgl_cli.cli import bench, ui
 from minisgl_cli.config import BenchConfig
 from minisgl_cli.errors import MinisglError, UsageError
+from minisgl_cli.openai_http import list_models
 
 MODEL = "fake-model"
 
@@ -310,15 +309,6 @@ def test_serving_report_tables_notes_and_record() -> None:
     json.dumps(report)
 
 
-def test_normalize_url() -> None:
-    assert normalize_url("http://127.0.0.1:1919") == "http://127.0.0.1:1919"
-    assert normalize_url("http://127.0.0.1:1919/v1/") == "http://127.0.0.1:1919"
-    assert normalize_url("https://host/prefix/v1") == "https://host/prefix"
-    for bad in ("127.0.0.1:1919", "ftp://host", "http://"):
-        with pytest.raises(UsageError, match="--url"):
-            normalize_url(bad)
-
-
 def test_sharegpt_workload(tmp_path: Path) -> None:
     path = tmp_path / "sharegpt.json"
     conversations = [
@@ -486,12 +476,12 @@ def test_sharegpt_requests_go_to_chat_completions(fake: FakeServer) -> None:
     assert body["temperature"] == 0.5 and body["ignore_eos"] is True and "prompt" not in body
 
 
-def test_probe_models(fake: FakeServer, dead_url: str) -> None:
-    assert probe_models(fake.url) == [MODEL, "other"]
-    with pytest.raises(MinisglError, match="cannot connect"):
-        probe_models(dead_url)
+def test_list_models_of_a_live_server(fake: FakeServer, dead_url: str) -> None:
+    assert list_models(fake.url) == [MODEL, "other"]
+    with pytest.raises(MinisglError, match="cannot reach a server at"):
+        list_models(dead_url)
     with pytest.raises(MinisglError, match="answered HTTP 404"):
-        probe_models(fake.url + "/not-openai")
+        list_models(fake.url + "/not-openai")
 
 
 # ---- the command
@@ -616,7 +606,10 @@ def test_command_sharegpt(fake: FakeServer, tmp_path: Path) -> None:
 
 
 def test_unreachable_or_foreign_server_exits_1_with_one_error_line(fake: FakeServer, dead_url: str) -> None:
-    for url, fragment in ((dead_url, "cannot connect to"), (fake.url + "/nothing", "answered HTTP 404")):
+    for url, fragment in (
+        (dead_url, "cannot reach a server at"),
+        (fake.url + "/nothing", "answered HTTP 404"),
+    ):
         res = run_bench("serve", "--url", url, "--num-prompts", "2", "--input-len", "3", "--output-len", "2")
         assert res.code == 1, res.stderr
         assert len(res.error_lines) == 1 and fragment in res.error_lines[0], res.stderr

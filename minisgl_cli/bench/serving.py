@@ -24,14 +24,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 
 from minisgl_cli.bench.rates import TokenRates
 from minisgl_cli.bench.workload import BenchRequest, ChatRequest
-from minisgl_cli.errors import MinisglError, UsageError
+from minisgl_cli.errors import UsageError
+from minisgl_cli.openai_http import auth_headers, body_message, error_reason, http_error
 
 ServeRequest = BenchRequest | ChatRequest
 # A progress callback, told how many requests were just done (succeeded or failed).
@@ -40,7 +40,6 @@ Progress = Callable[[int], None]
 # Connecting should be quick; a queued request may wait long for its first byte on a loaded server, so reads
 # get a bound only a stuck server reaches.
 _TIMEOUT = httpx.Timeout(connect=10.0, read=1800.0, write=60.0, pool=None)
-_PROBE_TIMEOUT_S = 10.0
 # Added to the dataset seed so that the arrival gaps and the prompts come from independent streams.
 _ARRIVAL_STREAM = 1
 SLO_KEYS = ("ttft", "tpot", "e2e")
@@ -55,49 +54,6 @@ class Target:
     model: str
     api_key: str | None = None
     temperature: float = 0.0
-
-
-def normalize_url(url: str) -> str:
-    """The server's base URL from what a user types: "http://host:port", with or without a trailing /v1."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError(f"--url {url!r}: expected http://HOST:PORT (optionally ending in /v1)")
-    path = parts.path.rstrip("/").removesuffix("/v1")
-    return f"{parts.scheme}://{parts.netloc}{path}"
-
-
-def probe_models(base_url: str, api_key: str | None = None) -> list[str]:
-    """The model ids the server lists at GET /v1/models; MinisglError if it is unreachable or not OpenAI-like.
-
-    Run before the benchmark, so that a wrong URL costs one clear line rather than N failed requests.
-    """
-    where = f"{base_url}/v1/models"
-    try:
-        response = httpx.get(where, headers=_auth_headers(api_key), timeout=_PROBE_TIMEOUT_S)
-    except httpx.ConnectError as exc:
-        raise MinisglError(f"cannot connect to {base_url}: {_reason(exc)}") from None
-    except httpx.TimeoutException:
-        raise MinisglError(f"{where} did not answer within {_PROBE_TIMEOUT_S:g} s") from None
-    except httpx.HTTPError as exc:
-        raise MinisglError(f"GET {where} failed: {_reason(exc)}") from None
-    if response.status_code in (401, 403):
-        raise MinisglError(f"{where} refused the request (HTTP {response.status_code}): check --api-key")
-    if response.status_code != 200:
-        raise MinisglError(
-            f"{where} answered HTTP {response.status_code}: is {base_url} an OpenAI-compatible server?"
-        )
-    try:
-        models = response.json()["data"]
-        ids = [str(m["id"]) for m in models]
-    except (ValueError, KeyError, TypeError):
-        raise MinisglError(
-            f"{where} did not return an OpenAI model list: is {base_url} an OpenAI-compatible server?"
-        ) from None
-    return ids
-
-
-def _auth_headers(api_key: str | None) -> dict[str, str]:
-    return {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
 
 
 def _request_body(target: Target, request: ServeRequest) -> tuple[str, dict[str, Any]]:
@@ -188,10 +144,10 @@ async def _send(client: httpx.AsyncClient, target: Target, request: ServeRequest
     timeline = _Timeline()
     usage: dict[str, Any] = {}
     try:
-        async with client.stream("POST", path, json=body, headers=_auth_headers(target.api_key)) as response:
+        async with client.stream("POST", path, json=body, headers=auth_headers(target.api_key)) as response:
             if response.status_code != 200:
                 await response.aread()
-                raise _StreamError(_http_error(response))
+                raise _StreamError(http_error(response))
             done = False
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
@@ -208,7 +164,7 @@ async def _send(client: httpx.AsyncClient, target: Target, request: ServeRequest
                 if _content(chunk):
                     timeline.add(now, _chunk_tokens(chunk_usage, timeline.tokens))
     except httpx.HTTPError as exc:
-        return _failed(request, sent, t0, f"{type(exc).__name__}: {_reason(exc)}")
+        return _failed(request, sent, t0, f"{type(exc).__name__}: {error_reason(exc)}")
     except _StreamError as exc:
         return _failed(request, sent, t0, str(exc))
     end = time.perf_counter()
@@ -241,7 +197,7 @@ def _parse_chunk(data: str) -> dict[str, Any]:
     if not isinstance(chunk, dict):
         raise _StreamError(f"malformed SSE data: {data[:200]!r}")
     if chunk.get("error"):
-        raise _StreamError(f"error in the stream: {_error_message(chunk, data)}")
+        raise _StreamError(f"error in the stream: {body_message(chunk, data)}")
     return chunk
 
 
@@ -266,29 +222,6 @@ def _chunk_tokens(usage: dict[str, Any], counted: int) -> int:
 def _count(usage: dict[str, Any], key: str, fallback: int) -> int:
     value = usage.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else fallback
-
-
-def _http_error(response: httpx.Response) -> str:
-    text = response.text
-    try:
-        message = _error_message(response.json(), text)
-    except ValueError:
-        message = text.strip()[:200] or response.reason_phrase
-    return f"HTTP {response.status_code}: {message}"
-
-
-def _error_message(body: Any, raw: str) -> str:
-    """The message of an OpenAI-style error body {"error": {"message": ...}}, else the raw text."""
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"]
-    if isinstance(error, str):
-        return error
-    return raw.strip()[:200]
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
 
 
 # ---- the run

@@ -10,20 +10,26 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 
 from minisgl_cli.chat.backend import Delta
 from minisgl_cli.config import SamplingConfig
-from minisgl_cli.errors import MinisglError, UsageError
+from minisgl_cli.errors import MinisglError
+from minisgl_cli.openai_http import (
+    auth_headers,
+    body_message,
+    http_error,
+    list_models,
+    normalize_url,
+    transport_errors,
+)
 
 # Sent always; the other sampling fields (top_k, min_p, penalties, seed) only when changed from their
 # defaults, because they are extensions some servers refuse.
 _ALWAYS_SENT = frozenset({"temperature", "top_p", "max_tokens"})
 _SAMPLING_DEFAULTS = SamplingConfig()
-_API_KEY_STATUSES = (401, 403)
 
 
 class OpenAIBackend:
@@ -44,13 +50,14 @@ class OpenAIBackend:
 
         MinisglError if the server cannot be reached, refuses the key, or does not serve `model`.
         """
-        base = _base_url(url)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        base = normalize_url(url)
         # No read limit while streaming would hang on a stalled server; ten minutes is beyond any answer.
         timeout = httpx.Timeout(10.0, read=600.0)
-        client = httpx.Client(base_url=base, headers=headers, timeout=timeout, transport=transport)
+        client = httpx.Client(
+            base_url=base, headers=auth_headers(api_key), timeout=timeout, transport=transport
+        )
         try:
-            model = _pick_model(_served_models(client, base), model, base)
+            model = _pick_model(list_models(base, client=client), model, base)
         except BaseException:
             client.close()
             raise
@@ -65,17 +72,17 @@ class OpenAIBackend:
             **_sampling_fields(settings),
         }
         tokens = 0
-        with _transport_errors(self.location):
+        with transport_errors(self.location):
             with self._client.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
                     response.read()
-                    raise _status_error(response)
+                    raise MinisglError(f"the server answered {http_error(response)}")
                 for data in _sse_data(response.iter_lines()):
                     if data == "[DONE]":
                         return
                     chunk = _json_object(data)
                     if "error" in chunk:  # the stream had begun, so the error comes as an event
-                        raise MinisglError(f"the server failed mid-answer: {_message_of(chunk)}")
+                        raise MinisglError(f"the server failed mid-answer: {body_message(chunk, data)}")
                     for choice in chunk.get("choices") or []:
                         text = (choice.get("delta") or {}).get("content") or ""
                         if text:  # until the usage report, one content chunk stands for one token
@@ -90,17 +97,6 @@ class OpenAIBackend:
         self._client.close()
 
 
-def _base_url(url: str) -> str:
-    """The server's root URL; a trailing /v1 (how OpenAI clients write a base URL) is accepted too."""
-    try:
-        parsed = httpx.URL(url.strip())
-    except httpx.InvalidURL:
-        parsed = None
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
-        raise UsageError(f"--url {url}: expected http://HOST:PORT")
-    return str(parsed).rstrip("/").removesuffix("/v1")
-
-
 def _pick_model(served: list[str], model: str | None, base: str) -> str:
     if model is None:
         if not served:
@@ -111,65 +107,6 @@ def _pick_model(served: list[str], model: str | None, base: str) -> str:
             f"the server at {base} does not serve model '{model}' (it serves: {', '.join(served)})"
         )
     return model
-
-
-def _served_models(client: httpx.Client, base: str) -> list[str]:
-    with _transport_errors(base):
-        response = client.get("/v1/models")
-    if response.status_code != 200:
-        raise _status_error(response)
-    try:
-        data = response.json()["data"]
-        return [str(card["id"]) for card in data]
-    except (ValueError, KeyError, TypeError):
-        raise MinisglError(
-            f"{base} does not look like an OpenAI-compatible server: GET /v1/models gave no model list"
-        ) from None
-
-
-@contextmanager
-def _transport_errors(base: str) -> Iterator[None]:
-    """Turn httpx's transport failures into one line naming the server."""
-    try:
-        yield
-    except httpx.ConnectError as exc:
-        raise MinisglError(f"cannot reach a server at {base} ({_reason(exc)})") from None
-    except httpx.TimeoutException:
-        raise MinisglError(f"the server at {base} did not answer in time") from None
-    except httpx.TransportError as exc:
-        raise MinisglError(f"lost the connection to {base} ({_reason(exc)})") from None
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc)
-    return text.rsplit("] ", 1)[-1] if text else type(exc).__name__  # "[Errno 111] Connection refused"
-
-
-def _status_error(response: httpx.Response) -> MinisglError:
-    message = f"the server answered HTTP {response.status_code}: {_message_of(_body(response))}"
-    if response.status_code in _API_KEY_STATUSES:
-        message += "; check --api-key"
-    return MinisglError(message)
-
-
-def _body(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        return body
-    return {"error": response.text.strip()[:200] or response.reason_phrase}
-
-
-def _message_of(body: dict[str, Any]) -> str:
-    """The message of an OpenAI-style error body {"error": {"message": ...}} (or {"error": "..."})."""
-    error = body.get("error")
-    if isinstance(error, dict) and error.get("message"):
-        return str(error["message"])
-    if isinstance(error, str) and error:
-        return error
-    return json.dumps(body)[:200]
 
 
 def _sse_data(lines: Iterator[str]) -> Iterator[str]:

@@ -402,16 +402,9 @@ def serve(
     Example: minisgl bench serve --url http://127.0.0.1:1919 --num-prompts 200 --request-rate 8 --slo ttft=500
     """
     from minisgl_cli.bench.report import build_report, serving_notes, serving_tables
-    from minisgl_cli.bench.serving import (
-        Target,
-        arrival_offsets,
-        normalize_url,
-        parse_slo,
-        probe_models,
-        run_serving,
-        summarize,
-    )
+    from minisgl_cli.bench.serving import Target, arrival_offsets, parse_slo, run_serving, summarize
     from minisgl_cli.bench.workload import load_serve_workload
+    from minisgl_cli.openai_http import list_models, normalize_url
 
     # httpx logs every request at INFO: one line per request over the progress bar. Kept for --log-level debug.
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
@@ -426,7 +419,7 @@ def serve(
     requests = load_serve_workload(bench, dataset_path, vocab_size)
     offsets = arrival_offsets(len(requests), bench.request_rate, bench.dataset_seed)
 
-    served = probe_models(base_url, api_key)
+    served = list_models(base_url, api_key)
     if model is None:
         if not served:
             raise MinisglError(f"{base_url}/v1/models lists no model: pass --model")
