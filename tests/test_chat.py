@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -535,6 +536,10 @@ def run_chat(tmp_path: Path, *args: str, stdin: str = "") -> subprocess.Complete
     )
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def spawn_chat(tmp_path: Path, *args: str) -> pexpect.spawn:
     child = pexpect.spawn(
         sys.executable,
@@ -544,6 +549,9 @@ def spawn_chat(tmp_path: Path, *args: str) -> pexpect.spawn:
         encoding="utf-8",
         dimensions=(50, 200),
         timeout=120,
+        # Started with SIGINT ignored, as a parent that ignores it leaves its children (this happened under CI):
+        # the REPL must still stop an answer on Ctrl-C.
+        preexec_fn=_ignore_sigint,
     )
     child.expect_exact(">>> ")  # the model is loaded
     return child

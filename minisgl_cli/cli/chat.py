@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -63,6 +64,10 @@ def chat(
     if api_key is not None and url is None:
         raise UsageError("--api-key is for a server: give its --url too")
     interactive = sys.stdin.isatty()
+    if interactive:
+        # Ctrl-C must stop an answer even when this process started with SIGINT ignored (a parent that ignores it
+        # passes that on, and Python then installs no KeyboardInterrupt handler of its own).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     backend = _connect(cfg, url, api_key)
     try:
         output = terminal_output(ui.console, plain) if interactive else piped_output(ui.err_console)
