@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from minisgl_cli.bench.workload import BenchRequest, Workload, sharegpt_workload
+from minisgl_cli.engine.tokenize import is_token_ids
 from minisgl_cli.errors import UsageError
 
 _JSONL_SHAPE = '{"prompt": text or [token ids], "output_len": N}'
@@ -128,7 +129,7 @@ def _jsonl_request(
     if not isinstance(entry, dict) or "prompt" not in entry:
         raise UsageError(f"dataset file {path} {where}: expected {_JSONL_SHAPE}")
     prompt = entry["prompt"]
-    if not (isinstance(prompt, str) and prompt) and not _is_token_ids(prompt):
+    if not (isinstance(prompt, str) and prompt) and not is_token_ids(prompt):
         raise UsageError(
             f"dataset file {path} {where}: the prompt must be non-empty text or a list of token ids"
         )
@@ -139,14 +140,6 @@ def _jsonl_request(
     else:
         n = int(rng.integers(output_len[0], output_len[1], endpoint=True))
     return FileRequest(prompt, n, where)
-
-
-def _is_token_ids(value: object) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) > 0
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-    )
 
 
 def _token_ids(request: FileRequest, tokenizer: Any | None, vocab_size: int, path: Path) -> list[int]:

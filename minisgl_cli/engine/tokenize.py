@@ -18,7 +18,7 @@ def split_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
     A list of ints is one token-id prompt and a list of dicts is one chat; any other list is a list of prompts.
     """
-    if isinstance(prompts, str) or _is_token_ids(prompts) or _is_chat(prompts):
+    if isinstance(prompts, str) or is_token_ids(prompts) or _is_chat(prompts):
         return [prompts]  # type: ignore[list-item]
     if isinstance(prompts, Sequence):
         return list(prompts)  # type: ignore[arg-type]
@@ -31,7 +31,7 @@ def encode_prompt(prompt: Prompt, tokenizer: Any | None, vocab_size: int) -> lis
     """Token ids of one prompt; UsageError if it is empty, malformed, or needs a tokenizer the model lacks."""
     if isinstance(prompt, str):
         ids = _require(tokenizer, "text prompts").encode(prompt)
-    elif _is_token_ids(prompt):
+    elif is_token_ids(prompt):
         ids = [int(t) for t in prompt]  # type: ignore[union-attr]
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
@@ -71,7 +71,8 @@ def _require(tokenizer: Any | None, what: str) -> Any:
     return tokenizer
 
 
-def _is_token_ids(x: object) -> bool:
+def is_token_ids(x: object) -> bool:
+    """A non-empty sequence of ints (bools excluded): one prompt given as token ids."""
     return (
         isinstance(x, Sequence)
         and not isinstance(x, str)

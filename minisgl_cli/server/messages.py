@@ -3,7 +3,7 @@
     api --GenerateRequest/AbortRequest--> tokenizer worker --TokenizedRequest/AbortRequest--> scheduler
     scheduler --TokenOutput batch--> the request's tokenizer worker (detokenizes) --TextOutput batch--> api
     scheduler --EngineStats--> api;   any stage --Rejected--> api (the request never ran)
-    every process --Ready--> the launcher, once, when it can take work;  launcher --Shutdown--> everyone
+    every process --Ready/Failed--> the launcher, once; the launcher stops them with SIGTERM (server/child.py)
 
 `pack`/`unpack` turn any registered dataclass (nested ones, and lists of them, included) into bytes and
 back; a message carries its type's name, so one socket can carry several kinds.
@@ -12,7 +12,7 @@ back; a message carries its type's name, so one socket can carry several kinds.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -157,7 +157,6 @@ class Ready:
     kv_tokens: int = 0
     context_length: int = 0
     max_seq_len: int = 0  # longest prompt + output the engine can hold (context length and KV pool)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @_register
@@ -167,12 +166,6 @@ class Failed:
 
     role: str
     message: str
-
-
-@_register
-@dataclass
-class Shutdown:
-    pass
 
 
 def _to_wire(value: Any) -> Any:

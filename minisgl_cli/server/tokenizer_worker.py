@@ -18,7 +18,7 @@ import zmq
 from minisgl_cli.engine.builder import load_tokenizer
 from minisgl_cli.engine.outputs import TextStream
 from minisgl_cli.engine.request import FinishReason
-from minisgl_cli.engine.tokenize import encode_prompt
+from minisgl_cli.engine.tokenize import encode_prompt, is_token_ids
 from minisgl_cli.errors import UsageError
 from minisgl_cli.server.child import keep_running, prepare_child, report, startup_failures
 from minisgl_cli.server.engine_client import IpcAddresses
@@ -102,7 +102,9 @@ class TokenizerWorker:
             if sampling.stop and self.tokenizer is None:
                 raise UsageError("stop strings need a tokenizer and this model has none: use stop_token_ids")
         except UsageError as exc:
-            param = "prompt" if isinstance(request.prompt, str) or _is_ids(request.prompt) else "messages"
+            param = (
+                "prompt" if isinstance(request.prompt, str) or is_token_ids(request.prompt) else "messages"
+            )
             self._api.send(pack(Rejected(request.rid, 400, str(exc), param=param)))
             return
         text = TextStream(self.tokenizer, ids, sampling.stop) if self.tokenizer is not None else None
@@ -160,7 +162,3 @@ class TokenizerWorker:
         if self.tokenizer is None:
             return f"<{token_id}>"
         return self.tokenizer.decode([token_id])
-
-
-def _is_ids(prompt: object) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
