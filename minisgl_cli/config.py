@@ -30,7 +30,9 @@ from minisgl_cli.errors import UsageError
 ENV_PREFIX = "MINISGL_"
 CONFIG_ENV = "MINISGL_CONFIG"
 # Env names read elsewhere (CLI, cache), not config fields: the loader must not reject them as typos.
-RESERVED_ENV = frozenset({CONFIG_ENV, "MINISGL_CACHE", "MINISGL_LOG_LEVEL", "MINISGL_DEBUG"})
+RESERVED_ENV = frozenset(
+    {CONFIG_ENV, "MINISGL_CACHE", "MINISGL_LOG_LEVEL", "MINISGL_DEBUG", "MINISGL_NO_KERNELS"}
+)
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -135,6 +137,11 @@ class EngineConfig(_Section):
         'Attention backend: "auto", "torch", "flashinfer", or a "PREFILL,DECODE" pair of those.',
         check=_matches(rf"{_BACKEND}(,{_BACKEND})?"),
         expected='"auto", "torch", "flashinfer" or a "PREFILL,DECODE" pair of those',
+    )
+    prefill_kernel: str = setting(
+        "auto",
+        'FlashInfer prefill kernel: "auto" (FA3 on Hopper), "fa2" or "fa3".',
+        choices=("auto", "fa2", "fa3"),
     )
     cuda_graph_max_bs: int = setting(
         256, "Largest decode batch captured in a CUDA graph (0: no graphs).", min=0

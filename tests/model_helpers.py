@@ -30,6 +30,9 @@ from transformers import (
     Qwen3Config,
 )
 
+from minisgl_cli.engine.forward_batch import ForwardBatch
+from minisgl_cli.engine.model_runner import ModelRunner
+
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 BOS_ID, EOS_ID = 0, 2  # eos is <|im_end|>, as in ChatML models
@@ -158,3 +161,49 @@ def _fresh_dir(parent: Path, stem: str) -> Path:
         path = parent / f"{stem}-{n}"
     path.mkdir(parents=True)
     return path
+
+
+class Driver:
+    """A minimal stand-in for the scheduler: each sequence owns a page-table row and pages allocated as
+    it grows; `step` writes the new positions' slots and builds the step's ForwardBatch."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.rows: dict[int, int] = {}
+        self.pages: dict[int, list[int]] = {}
+        self.tokens: dict[int, list[int]] = {}
+
+    def step(self, work: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """work: (sequence id, its new tokens) per sequence -> logits [B, V] of each one's last new token."""
+        alloc, table = self.runner.allocator, self.runner.page_table
+        ids, positions, slots, rows, seq_lens, extend_lens = [], [], [], [], [], []
+        for sid, new in work:
+            if sid not in self.rows:
+                self.rows[sid], self.pages[sid], self.tokens[sid] = table.alloc_row(), [], []
+            start, end = len(self.tokens[sid]), len(self.tokens[sid]) + len(new)
+            more = alloc.alloc(alloc.pages_needed(end) - len(self.pages[sid]))
+            assert more is not None
+            self.pages[sid] += more
+            new_slots = alloc.slots(self.pages[sid], start, end)
+            table.write(self.rows[sid], start, torch.tensor(new_slots))
+            self.tokens[sid] += new
+            ids += new
+            positions += range(start, end)
+            slots += new_slots
+            rows.append(self.rows[sid])
+            seq_lens.append(end)
+            extend_lens.append(len(new))
+        ends = torch.tensor(extend_lens).cumsum(0) - 1
+        dev = self.runner.device
+        batch = ForwardBatch(
+            input_ids=torch.tensor(ids, device=dev),
+            positions=torch.tensor(positions, device=dev),
+            out_slots=torch.tensor(slots, device=dev),
+            req_rows=torch.tensor(rows, device=dev),
+            seq_lens=torch.tensor(seq_lens, device=dev),
+            extend_lens=torch.tensor(extend_lens, device=dev),
+            logits_indices=ends.to(dev),
+            seq_lens_cpu=seq_lens,
+            extend_lens_cpu=extend_lens,
+        )
+        return self.runner.forward(batch).cpu()

@@ -123,3 +123,70 @@ def test_merged_linear_shards_are_consecutive_row_ranges() -> None:
     layer.weight.data.normal_()
     layer.bias.data.normal_()
     torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+
+
+# ---- FlashInfer kernels against the PyTorch path (CUDA only)
+
+CUDA = torch.device("cuda")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _both_paths(monkeypatch: pytest.MonkeyPatch, fn):  # type: ignore[no-untyped-def]
+    """fn() with the FlashInfer kernels, then with the PyTorch code (kernels switched off)."""
+    from minisgl_cli.engine import kernels
+
+    assert kernels.flashinfer() is not None, "FlashInfer must load on a GPU machine"
+    fast = fn()
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    slow = fn()
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    return fast, slow
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dim", [64, 128, 4096])
+def test_gpu_rmsnorm_kernels_match_torch(monkeypatch: pytest.MonkeyPatch, dim: int) -> None:
+    torch.manual_seed(dim)
+    norm = RMSNorm(dim, eps=1e-6).to(CUDA, torch.bfloat16)
+    norm.weight.data = (torch.rand(dim, device=CUDA) + 0.5).to(torch.bfloat16)
+    # Strided rows, as q/k heads sliced out of a fused projection are.
+    x = torch.randn(37, 3 * dim, device=CUDA, dtype=torch.bfloat16)[:, dim : 2 * dim]
+    fast, slow = _both_paths(monkeypatch, lambda: norm(x))
+    assert _rel(fast, slow) < 1e-2
+    h, r = torch.randn(2, 37, dim, device=CUDA, dtype=torch.bfloat16)
+    (fo, fr), (so, sr) = _both_paths(monkeypatch, lambda: norm.add_and_norm(h.clone(), r.clone()))
+    assert _rel(fr, sr) < 1e-2 and _rel(fo, so) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_silu_and_mul_kernel_matches_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(29, 2 * 1536, device=CUDA, dtype=torch.bfloat16)
+    fast, slow = _both_paths(monkeypatch, lambda: silu_and_mul(x))
+    assert fast.shape == (29, 1536) and _rel(fast, slow) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_rope_kernel_matches_torch(monkeypatch: pytest.MonkeyPatch, head_dim: int) -> None:
+    scaling = Llama3RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+    )
+    rope = RotaryEmbedding(head_dim, 4096, 500000.0, scaling).to(CUDA)
+    positions = torch.randint(0, 4096, (23,), device=CUDA)
+    # q and k as slices of one fused qkv output (strided rows), like the attention layer passes them.
+    qkv = torch.randn(23, (8 + 2 + 2) * head_dim, device=CUDA, dtype=torch.bfloat16)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, _ = qkv.clone().split([8 * head_dim, 2 * head_dim, 2 * head_dim], dim=-1)
+        q, k = rope(positions, q.view(23, 8, head_dim), k.view(23, 2, head_dim))
+        return q.clone(), k.clone()
+
+    (fq, fk), (sq, sk) = _both_paths(monkeypatch, run)
+    assert _rel(fq, sq) < 1e-2 and _rel(fk, sk) < 1e-2

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import load_smollm2_gguf, make_tiny_model, save_hf_dir
+from model_helpers import Driver, load_smollm2_gguf, make_tiny_model, save_hf_dir
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from minisgl_cli.engine.forward_batch import ForwardBatch
 from minisgl_cli.engine.kv.pool import KVPool
 from minisgl_cli.engine.model_runner import ModelRunner
 from minisgl_cli.engine.models.config import ModelConfig
@@ -29,52 +28,6 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,  # small, so the tiny head_dim sees all three regimes
 }
-
-
-class Driver:
-    """A minimal stand-in for the scheduler: each sequence owns a page-table row and pages allocated as
-    it grows; `step` writes the new positions' slots and builds the step's ForwardBatch."""
-
-    def __init__(self, runner: ModelRunner) -> None:
-        self.runner = runner
-        self.rows: dict[int, int] = {}
-        self.pages: dict[int, list[int]] = {}
-        self.tokens: dict[int, list[int]] = {}
-
-    def step(self, work: list[tuple[int, list[int]]]) -> torch.Tensor:
-        """work: (sequence id, its new tokens) per sequence -> logits [B, V] of each one's last new token."""
-        alloc, table = self.runner.allocator, self.runner.page_table
-        ids, positions, slots, rows, seq_lens, extend_lens = [], [], [], [], [], []
-        for sid, new in work:
-            if sid not in self.rows:
-                self.rows[sid], self.pages[sid], self.tokens[sid] = table.alloc_row(), [], []
-            start, end = len(self.tokens[sid]), len(self.tokens[sid]) + len(new)
-            more = alloc.alloc(alloc.pages_needed(end) - len(self.pages[sid]))
-            assert more is not None
-            self.pages[sid] += more
-            new_slots = alloc.slots(self.pages[sid], start, end)
-            table.write(self.rows[sid], start, torch.tensor(new_slots))
-            self.tokens[sid] += new
-            ids += new
-            positions += range(start, end)
-            slots += new_slots
-            rows.append(self.rows[sid])
-            seq_lens.append(end)
-            extend_lens.append(len(new))
-        ends = torch.tensor(extend_lens).cumsum(0) - 1
-        dev = self.runner.device
-        batch = ForwardBatch(
-            input_ids=torch.tensor(ids, device=dev),
-            positions=torch.tensor(positions, device=dev),
-            out_slots=torch.tensor(slots, device=dev),
-            req_rows=torch.tensor(rows, device=dev),
-            seq_lens=torch.tensor(seq_lens, device=dev),
-            extend_lens=torch.tensor(extend_lens, device=dev),
-            logits_indices=ends.to(dev),
-            seq_lens_cpu=seq_lens,
-            extend_lens_cpu=extend_lens,
-        )
-        return self.runner.forward(batch).cpu()
 
 
 def _runner(path: Path | None, config: ModelConfig | None = None, **kw: object) -> ModelRunner:
@@ -291,9 +244,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("case", ["llama-tied-llama3-rope", "qwen2", "qwen3"])
 def test_cuda_matches_transformers(tmp_path: Path, case: str, dtype: torch.dtype, tol: float) -> None:
     arch, overrides = TINY_CASES[case]
-    path = make_tiny_model(tmp_path, arch, with_tokenizer=False, **overrides)
+    # head_dim 64: a size FlashInfer's prebuilt kernels cover, so bf16 runs the fused kernels too.
+    path = make_tiny_model(tmp_path, arch, with_tokenizer=False, head_dim=64, **overrides)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    driver = Driver(_runner(path, device=torch.device("cuda"), dtype=dtype))
+    backend = "flashinfer" if dtype == torch.bfloat16 else "torch"
+    driver = Driver(_runner(path, device=torch.device("cuda"), dtype=dtype, attention_backend=backend))
     a, b = list(range(10, 40)), list(range(50, 57))
     logits = driver.step([(0, a[:20]), (1, b)])
     _assert_close(logits[0], _ref_logits(ref, a[:20]), tol)
@@ -315,7 +270,7 @@ def test_cuda_dummy_llama_8b_sizes_pool_from_free_memory() -> None:
     config = ModelConfig.from_hf(BUILTIN_SHAPES["llama-3.1-8b"])
     gc.collect()  # earlier tests' runners must not hold GPU memory
     torch.cuda.empty_cache()
-    free_before = torch.cuda.mem_get_info()[0]
+    free_before, total = torch.cuda.mem_get_info()
     runner = _runner(
         None,
         config,
@@ -328,7 +283,9 @@ def test_cuda_dummy_llama_8b_sizes_pool_from_free_memory() -> None:
     )
     weights = count_parameters(runner.model) * 2
     pool = runner.kv_pool.num_slots * KVPool.bytes_per_token(32, 8, 128, torch.bfloat16)
-    # The pool takes mem_fraction (0.9) of what the weights left free.
-    assert 0.85 * (free_before - weights) < pool < 0.9 * (free_before - weights)
+    # Weights and pool together take mem_fraction (0.9) of the GPU, less what was in use before.
+    budget = 0.9 * total - (total - free_before) - weights
+    # (Within 3%: the allocator's cache and the CUDA context move by a few hundred MB between tests.)
+    assert abs(pool - budget) < 0.03 * budget
     logits = Driver(runner).step([(0, list(range(1, 300))), (1, list(range(5, 9)))])
     assert logits.shape == (2, 128256) and torch.isfinite(logits).all()

@@ -68,6 +68,8 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None) -> Engine
         kv_cache_gb=cfg.kv_cache_gb,
         mem_fraction=cfg.mem_fraction,
         attention_backend=cfg.attention_backend,
+        prefill_kernel=cfg.prefill_kernel,
+        cuda_graph_max_bs=cfg.cuda_graph_max_bs,
         random_seed=cfg.random_seed,
     )
     # "radix" (the default) reuses the K/V of shared prompt prefixes; "naive" recomputes every prompt.
@@ -79,6 +81,8 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None) -> Engine
         max_prefill_tokens=cfg.max_prefill_tokens,
         eos_token_ids=eos,
         random_seed=cfg.random_seed,
+        # On the CPU a step is synchronous: overlapping would only delay every token by a step.
+        overlap=not cfg.disable_overlap and device.type == "cuda",
     )
     return Engine(source, model_config, runner, scheduler)
 

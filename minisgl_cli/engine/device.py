@@ -50,17 +50,28 @@ def kv_cache_tokens(
 ) -> int:
     """How many tokens the KV pool should hold.
 
-    An explicit token count wins, then an explicit size in GiB. Otherwise on CUDA the pool takes
-    `mem_fraction` of the memory still free (call this after the weights are loaded), and on CPU
-    min(DEFAULT_CPU_KV_TOKENS, DEFAULT_CPU_KV_BYTES worth of tokens).
+    An explicit token count wins, then an explicit size in GiB. Otherwise on CUDA weights and KV cache
+    together get `mem_fraction` of the GPU's memory (SGLang's static fraction): the pool takes that share
+    minus what is in use now (call this after the weights are loaded), and the rest stays free for
+    activations, CUDA graphs and FlashInfer's workspace. On CPU: min(DEFAULT_CPU_KV_TOKENS,
+    DEFAULT_CPU_KV_BYTES worth of tokens).
     """
     if kv_cache_tokens is not None:
         return kv_cache_tokens
     if kv_cache_gb is not None:
         return int(kv_cache_gb * (1 << 30)) // bytes_per_token
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * mem_fraction) // bytes_per_token
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        budget = int(total * mem_fraction) - used
+        if budget < bytes_per_token:
+            gib = 1 << 30
+            raise MinisglError(
+                f"--mem-fraction {mem_fraction} gives weights and KV cache {total * mem_fraction / gib:.1f} GiB "
+                f"of the GPU's {total / gib:.1f} GiB, but {used / gib:.1f} GiB is already in use (the weights "
+                "and anything else on the GPU): raise --mem-fraction or use a smaller model"
+            )
+        return budget // bytes_per_token
     return min(DEFAULT_CPU_KV_TOKENS, DEFAULT_CPU_KV_BYTES // bytes_per_token)
 
 

@@ -7,8 +7,11 @@ from pathlib import Path
 import torch
 
 from minisgl_cli.engine.attention import create_backend
+from minisgl_cli.engine.attention.flashinfer_backend import FlashInferBackend
+from minisgl_cli.engine.attention.split_backend import SplitBackend
 from minisgl_cli.engine.device import free_device_memory, kv_cache_tokens
 from minisgl_cli.engine.forward_batch import ForwardBatch
+from minisgl_cli.engine.graphs import CudaGraphRunner
 from minisgl_cli.engine.kv.allocator import PageAllocator
 from minisgl_cli.engine.kv.page_table import PageTable
 from minisgl_cli.engine.kv.pool import KVPool
@@ -41,6 +44,8 @@ class ModelRunner:
         kv_cache_gb: float | None,
         mem_fraction: float,
         attention_backend: str = "torch",
+        prefill_kernel: str = "auto",
+        cuda_graph_max_bs: int = 0,
         random_seed: int = 0,
     ) -> None:
         self.model_config = model_config
@@ -73,14 +78,28 @@ class ModelRunner:
             page_table=self.page_table,
             num_heads=model_config.num_heads,
             head_dim=model_config.head_dim,
-            device=device,
+            page_size=page_size,
+            prefill_kernel=prefill_kernel,
         )
+        self.graphs = self._capture_graphs(min(cuda_graph_max_bs, max_running_requests), max_context_len)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits [B, vocab] of each sequence's last new token."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
         self.attn.prepare(batch)
         return self.model(batch, self.attn)
+
+    def _capture_graphs(self, max_batch_size: int, max_context_len: int) -> CudaGraphRunner | None:
+        """Decode graphs, after the KV pool so they see its final addresses; None where they cannot run
+        (CPU, graphs turned off, a decode backend other than FlashInfer, whose planning is not capturable)."""
+        decode = self.attn.decode_backend if isinstance(self.attn, SplitBackend) else self.attn
+        if self.device.type != "cuda" or max_batch_size <= 0 or not isinstance(decode, FlashInferBackend):
+            return None
+        return CudaGraphRunner(
+            self.model, decode, max_batch_size=max_batch_size, max_context_len=max_context_len
+        )
 
     def _check_weights_fit(self, max_context_len: int) -> None:
         free = free_device_memory(self.device)

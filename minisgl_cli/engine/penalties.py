@@ -7,7 +7,7 @@ Semantics (the logits are changed in this order, as vLLM does):
   ``logit -= frequency * count + presence * (count > 0)``.
 
 Cost model (the choice the sampler documents): each penalised request owns a `PenaltyState` made once,
-at admission, from its prompt (one host->device copy of the prompt ids) and updated on the device after
+at admission, from its prompt (one non-blocking host->device copy of the prompt ids) and updated on the device after
 each step from the sampled-ids tensor, so the scheduler never re-sends token histories and the update works
 with overlap scheduling, where the ids of step N are not yet on the host while step N+1 is built. Per step
 the penalised rows' states are stacked into [P, V] tensors (one copy of P*V elements, the same order of
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minisgl_cli.engine.host_copy import to_device
 from minisgl_cli.engine.request import SamplingParams
 
 
@@ -51,7 +52,7 @@ class PenaltyState:
         """A fresh state; `output_ids` lets a preempted request be rebuilt with its generated tokens."""
         counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
         seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        ids = torch.tensor([*prompt_ids, *output_ids], dtype=torch.int64, device=device)
+        ids = to_device([*prompt_ids, *output_ids], torch.int64, device)
         seen.index_fill_(0, ids, True)
         if output_ids:
             out = ids[len(prompt_ids) :]
@@ -90,16 +91,16 @@ class PenaltyBatch:
             if state is None:
                 raise ValueError(f"request {i} of the batch has penalties but no PenaltyState")
             picked.append(state)
-        coeffs = torch.tensor(
+        coeffs = to_device(
             [
                 [params[i].frequency_penalty, params[i].presence_penalty, params[i].repetition_penalty]
                 for i in rows
             ],
-            dtype=torch.float32,
-            device=device,
+            torch.float32,
+            device,
         )
         return cls(
-            rows=None if len(rows) == len(params) else torch.tensor(rows, dtype=torch.int64, device=device),
+            rows=None if len(rows) == len(params) else to_device(rows, torch.int64, device),
             states=picked,
             output_counts=torch.stack([s.output_counts for s in picked]),
             seen=torch.stack([s.seen for s in picked]),

@@ -84,9 +84,15 @@ class FinishReason:
 class Req:
     """One request inside the scheduler: its tokens, its KV pages and how far its KV is computed.
 
-    `token_ids` is prompt + generated so far. The first `num_computed` of them have their K/V in the pool;
-    the rest are fed in the next step(s): a whole or chunked prompt when admitted, the last sampled token
-    while decoding, prompt + generated again after a preemption (so prefill and decode are one code path).
+    `token_ids` is prompt + generated so far, as far as the host knows. With overlap scheduling one more
+    token may be in flight (`num_inflight`): sampled on the device by the step still running, its value not
+    yet on the host. The scheduler's lengths count it (`total_len`); `token_ids`, `output_ids` and
+    `num_output` never hold a placeholder for it.
+
+    The first `num_computed` of the `total_len` tokens have their K/V in the pool (or being written by a
+    launched step); the rest are fed in the next step(s): a whole or chunked prompt when admitted, the last
+    sampled token while decoding (from the device when it is in flight), prompt + generated again after a
+    preemption (so prefill and decode are one code path).
     """
 
     rid: int
@@ -99,6 +105,9 @@ class Req:
     row: int = -1  # page-table row, -1 while it holds none
     pages: list[int] = field(default_factory=list)  # KV pages, in position order
     num_computed: int = 0
+    # Tokens sampled by a launched step whose value the host does not know yet: 0 or 1 between steps (for a
+    # moment 2, while the previous step's results are processed after the next step was launched).
+    num_inflight: int = 0
     num_mapped: int = 0  # leading positions whose slots are written into the page-table row
     num_cached: int = 0  # prompt tokens whose K/V came from the prefix cache (usage.cached_tokens)
     cache_handle: object | None = None  # the prefix cache's lock on the matched prefix
@@ -120,7 +129,13 @@ class Req:
 
     @property
     def seq_len(self) -> int:
+        """Tokens known on the host."""
         return len(self.token_ids)
+
+    @property
+    def total_len(self) -> int:
+        """The sequence's length as the scheduler counts it: known tokens plus the one in flight."""
+        return len(self.token_ids) + self.num_inflight
 
     @property
     def output_ids(self) -> list[int]:
@@ -131,9 +146,19 @@ class Req:
         return len(self.token_ids) - self.prompt_len
 
     @property
+    def num_sampled(self) -> int:
+        """Tokens generated so far, the one in flight included (the sampler's step index of the next one)."""
+        return self.total_len - self.prompt_len
+
+    @property
     def num_pending(self) -> int:
         """Tokens still to be fed before the next token can be sampled."""
-        return len(self.token_ids) - self.num_computed
+        return self.total_len - self.num_computed
+
+    @property
+    def num_cacheable(self) -> int:
+        """Computed tokens whose ids the host knows: what may be offered to the prefix cache."""
+        return min(self.num_computed, len(self.token_ids))
 
     @property
     def finished(self) -> bool:
@@ -155,7 +180,7 @@ class Batch:
 
     def __post_init__(self) -> None:
         pairs = zip(self.reqs, self.extend_lens, strict=True)
-        self.samples = [r.num_computed + n == r.seq_len for r, n in pairs]
+        self.samples = [r.num_computed + n == r.total_len for r, n in pairs]
 
     @property
     def num_tokens(self) -> int:

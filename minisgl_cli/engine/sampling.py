@@ -4,10 +4,12 @@ API
 ---
 ``SamplingBatch.build(params, seeds, steps, device=..., penalty_states=None) -> SamplingBatch``
     Host-side, once per step: turns the batch's parameters into small device tensors (two host->device
-    copies) and decides which work the step needs at all: an all-greedy batch is a bare argmax, sorting
-    happens only when some row uses top_k or top_p, penalties and logprobs only when some row asks.
+    copies, from pinned memory, that never block: engine/host_copy.py) and decides which work the step
+    needs at all: an all-greedy batch is a bare argmax, sorting happens only when some row uses top_k or
+    top_p, penalties and logprobs only when some row asks.
     ``seeds[i]``: the request's seed (the scheduler draws a random one when the user gave none);
-    ``steps[i]``: tokens the request has generated so far. ``penalty_states[i]``: the request's
+    ``steps[i]``: tokens the request has generated so far, one still in flight on the device included
+    (overlap scheduling), so a token's draw does not depend on the mode. ``penalty_states[i]``: the request's
     `PenaltyState` (engine/penalties.py), required for rows with a penalty, ignored for the others.
 ``sample(logits, sb) -> SampleOutput``
     logits: [B, V] float32 of each row's last token. No host sync; returns device tensors.
@@ -15,17 +17,21 @@ API
     After sampling, counts the sampled ids into the penalised rows' states (a no-op without penalties).
 ``SampleOutput.to_host() -> list[SampledToken]``
     The step's single device->host copy: ids (+ logprobs where asked), one entry per row.
+``PendingResults.start(out)`` then ``.to_host()``
+    The same copy split in two for overlap scheduling: `start` queues non-blocking copies into pinned
+    host memory and records an event; `to_host` waits for that event only, then reads the host copies.
 
 How the scheduler (E3) calls it each step, for the rows that produce a token this step (a prefill chunk
 that is not a prompt's last produces none, so slice its row out of the logits)::
 
-    sb = SamplingBatch.build([r.params for r in reqs], [r.seed for r in reqs],
-                             [len(r.output_ids) for r in reqs], device=device,
+    sb = SamplingBatch.build([r.sampling for r in reqs], [r.seed for r in reqs],
+                             [r.num_sampled for r in reqs], device=device,
                              penalty_states=[r.penalty_state for r in reqs])
     out = sample(logits[rows], sb)
     sb.commit(out.token_ids)
-    for req, tok in zip(reqs, out.to_host()):
-        req.append(tok.token_id, tok.logprob, tok.top_logprobs)
+    pending = PendingResults.start(out)  # then launch the next step, and only then:
+    for req, tok in zip(reqs, pending.to_host()):
+        ...  # append tok.token_id, tok.logprob, tok.top_logprobs
 
 A request with a penalty gets ``PenaltyState.create(prompt_ids, vocab_size, device)`` when admitted
 (``create(..., output_ids=generated)`` when a preempted one is recomputed); see engine/penalties.py.
@@ -46,7 +52,8 @@ after penalties, before temperature, top_k, top_p and min_p. A row with logprobs
 token's logprob and the N most likely tokens' ids and logprobs (N=0: the chosen token's only).
 
 Memory: a sampled row needs a few [V] int64 temporaries for the hash (S*V*8 bytes each for S sampled
-rows); a fused kernel would remove them on the GPU.
+rows). On CUDA, batches that filter nothing (temperature only) take a fused Triton kernel instead, which
+hashes in registers and reads the logits once (engine/fused_sampling.py).
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minisgl_cli.engine.host_copy import to_device
 from minisgl_cli.engine.penalties import PenaltyBatch, PenaltyState
 from minisgl_cli.engine.request import SamplingParams
 
@@ -119,21 +127,21 @@ class RandomRows:
         rows: list[int],
         device: torch.device | str,
     ) -> RandomRows:
-        floats = torch.tensor(
+        floats = to_device(
             [[p.temperature, p.top_p if p.top_p < 1.0 else _NO_TOP_P, p.min_p] for p in params],
-            dtype=torch.float32,
-            device=device,
+            torch.float32,
+            device,
         )
-        ints = torch.tensor(
+        ints = to_device(
             [
                 [p.top_k if p.top_k > 0 else _NO_TOP_K, (s % 2**64) & _MASK32, (s % 2**64) >> 32, t]
                 for p, s, t in zip(params, seeds, steps, strict=True)
             ],
-            dtype=torch.int64,
-            device=device,
+            torch.int64,
+            device,
         )
         return cls(
-            rows=None if len(rows) == batch_size else torch.tensor(rows, dtype=torch.int64, device=device),
+            rows=None if len(rows) == batch_size else to_device(rows, torch.int64, device),
             keys=row_keys(ints[:, 1:3], ints[:, 3]),
             temperatures=floats[:, 0:1],
             top_ks=ints[:, 0:1] if any(p.top_k > 0 for p in params) else None,
@@ -164,6 +172,11 @@ class RandomRows:
 
     def draw(self, logits: torch.Tensor) -> torch.Tensor:
         """Gumbel-max draw of one token id per row from the filtered distribution."""
+        if logits.is_cuda and self.top_ks is None and self.top_ps is None and self.min_ps is None:
+            # Temperature only: one fused pass over the logits, the same hash and token (fused_sampling.py).
+            from minisgl_cli.engine.fused_sampling import gumbel_argmax
+
+            return gumbel_argmax(logits, self.keys, self.temperatures)
         u = seeded_uniform(self.keys, logits.shape[1])
         return (self.filter(logits) - (-u.log()).log()).argmax(dim=-1)
 
@@ -246,6 +259,44 @@ class SampleOutput:
             top = list(zip(top_ids[i][:n], top_lps[i][:n], strict=True)) if top_ids and top_lps else []
             out.append(SampledToken(t, chosen[i], top))
         return out
+
+
+@dataclass
+class PendingResults:
+    """A step's sample output on its way to the host, for overlap scheduling: the step that sampled returns at
+    once, and the next step, launched meanwhile, collects the tokens.
+
+    On a GPU, `start` queues non-blocking copies into pinned host tensors and records an event after them;
+    `to_host` waits for that event (the one wait on the device a step makes), then reads the host tensors.
+    On the CPU the output already is on the host: no copy, no event.
+    """
+
+    host: SampleOutput  # the output's tensors on the host (being filled until `ready` fires)
+    ready: torch.cuda.Event | None  # None on the CPU
+
+    @classmethod
+    def start(cls, out: SampleOutput) -> PendingResults:
+        if out.token_ids.device.type != "cuda":
+            return cls(out, None)
+        optional = (out.logprobs, out.top_ids, out.top_logprobs)
+        host = SampleOutput(
+            _pinned_copy(out.token_ids),
+            *(None if t is None else _pinned_copy(t) for t in optional),
+            out.num_top_logprobs,
+        )
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(host, ready)
+
+    def to_host(self) -> list[SampledToken]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.to_host()
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A non-blocking copy of device tensor `t` into pinned host memory, valid once the stream has run it."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:

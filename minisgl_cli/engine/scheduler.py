@@ -1,4 +1,4 @@
-"""Scheduler: continuous batching with chunked prefill, admission by free KV pages, and preemption.
+"""Scheduler: continuous batching with chunked prefill, admission by free KV pages, preemption and overlap.
 
 One `step()`: pick a batch, run the model on it, sample, append the tokens, retire finished requests.
 Picking a batch (`schedule()`), in order:
@@ -9,6 +9,14 @@ Picking a batch (`schedule()`), in order:
      preempts the newest running request: its pages are given back and it waits at the front of the queue
      with prompt + generated tokens as the prompt to recompute, so its output continues where it stopped.
 Prefill and decode tokens are not mixed in one step (simpler; the ForwardBatch allows mixing later).
+
+Overlap scheduling (`overlap=True`, on by default on a GPU): a step is launched (inputs copied, forward and
+sampling queued on the device, the sampled ids' copy to pinned host memory started) and left in flight;
+`step()` schedules and launches batch N+1, then waits for batch N's ids and processes them, so the CPU's
+work of a step hides behind the device's. A token in flight is counted in the scheduler's lengths
+(`Req.total_len`) but not appended to `token_ids` until processed; the next step takes it as input on the
+device. A request whose in-flight token is its last by length is not decoded again; one that turns out to
+end on eos or a stop token has been decoded once more for nothing, and that token is dropped.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,7 +32,7 @@ import torch
 from minisgl_cli.engine.kv.prefix_cache import PrefixCache
 from minisgl_cli.engine.penalties import PenaltyState, needs_penalties
 from minisgl_cli.engine.request import Batch, FinishReason, Req, SamplingParams
-from minisgl_cli.engine.sampling import SampledToken, SamplingBatch, sample
+from minisgl_cli.engine.sampling import PendingResults, SampleOutput, SamplingBatch, sample
 from minisgl_cli.engine.step_inputs import prepare_step
 from minisgl_cli.errors import UsageError
 
@@ -59,6 +67,23 @@ class SchedulerStats:
         return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
 
 
+@dataclass
+class InflightBatch:
+    """A launched batch whose sampled tokens the host has not read yet."""
+
+    reqs: list[Req]  # the requests that sample, in the order of the sample output's rows
+    token_ids: torch.Tensor | None  # [len(reqs)] the sampled ids on the device: the next step's inputs
+    results: PendingResults | None  # None when no request samples (partial prefill chunks only)
+    _rows: dict[int, int] = field(init=False, repr=False)  # Req.rid -> row
+
+    def __post_init__(self) -> None:
+        self._rows = {req.rid: i for i, req in enumerate(self.reqs)}
+
+    def row(self, req: Req) -> int:
+        """The row of `req`'s sampled token in this batch's output, or -1."""
+        return self._rows.get(req.rid, -1)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -68,8 +93,12 @@ class Scheduler:
         max_prefill_tokens: int,
         eos_token_ids: list[int],
         random_seed: int = 0,
+        overlap: bool = False,
     ) -> None:
         self.runner = runner
+        # Overlap the CPU's scheduling of a step with the device's running of the previous one. Off on the
+        # CPU, where a step is synchronous anyway and overlap would only delay every token by a step.
+        self.overlap = overlap
         self.cache = cache
         self.allocator = runner.allocator
         self.page_table = runner.page_table
@@ -86,6 +115,7 @@ class Scheduler:
         self._seed_rng = random.Random(random_seed)
         self._tokens_prefilled = self._tokens_decoded = self._tokens_generated = self._num_preemptions = 0
         self._steps = 0
+        self._inflight: InflightBatch | None = None  # the launched batch not processed yet (overlap only)
 
     # ---- requests in and out
 
@@ -117,7 +147,14 @@ class Scheduler:
         return req
 
     def finish(self, req: Req, reason: str) -> None:
-        """Retire a request now (also for callers: a stop string matched, a client went away)."""
+        """Retire a request now (also for callers: a stop string matched, a client went away).
+
+        A token of it still in flight is dropped when its batch is processed. Its pages are released at once,
+        though a launched step may still write its K/V into them: on the device every later use of a page
+        (another request's K/V write, an attention read) is an op on the same stream, ordered after that step.
+        On the host, `_release` offers the cache only tokens whose ids are known (`num_cacheable`) and whose
+        K/V is computed or being computed by a launched step, so a request that reuses them is ordered after.
+        """
         if req.finished:
             return
         req.finish_reason = reason
@@ -129,6 +166,8 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
+        """Whether requests wait or run. A batch in flight holds only such requests, except when all of them
+        finished meanwhile: its tokens are dropped anyway, and the next `step()` processes it, whenever."""
         return bool(self.waiting or self.running)
 
     def stats(self) -> SchedulerStats:
@@ -149,28 +188,76 @@ class Scheduler:
     # ---- one step
 
     def step(self) -> list[Req]:
-        """Schedule and run one batch; return the requests that got a new token (finished ones included)."""
+        """Schedule and run one batch; return the requests that got a new token (finished ones included).
+
+        With overlap: schedule and launch batch N+1, then wait for batch N's tokens and process them; the
+        requests returned are batch N's. A step with nothing new to schedule only processes the batch in
+        flight.
+        """
         batch = self.schedule()
-        return self.run_batch(batch) if batch is not None else []
+        launched = self._launch(batch) if batch is not None else None
+        previous, self._inflight = self._inflight, launched
+        done = self._process(previous) if previous is not None else []
+        if not self.overlap and launched is not None:
+            self._inflight = None
+            # A request of both batches only when overlap was just switched off: list it once.
+            done += [r for r in self._process(launched) if not any(r is d for d in done)]
+        return done
 
     def run_batch(self, batch: Batch) -> list[Req]:
-        """Forward, sample, append the tokens and retire finished requests of a batch from `schedule()`."""
-        inputs = prepare_step(batch, self.allocator, self.page_table, self.runner.device)
+        """Run a batch from `schedule()` to the end (launch, wait, process): step by step, without overlap."""
+        if self._inflight is not None:
+            raise RuntimeError("a batch is in flight: step() must process it before run_batch() is used")
+        return self._process(self._launch(batch))
+
+    def _launch(self, batch: Batch) -> InflightBatch:
+        """Queue the batch's forward and sampling on the device and start copying its tokens to the host.
+
+        Nothing here waits for the device: host->device copies come from pinned memory (host_copy.py) and a
+        token still in flight from the previous batch is fed to this one on the device."""
+        prev = self._inflight
+        inputs = prepare_step(
+            batch,
+            self.allocator,
+            self.page_table,
+            self.runner.device,
+            prev_ids=prev.token_ids if prev is not None else None,
+            prev_rows=[prev.row(r) for r in batch.reqs] if prev is not None else (),
+        )
         logits = self.runner.forward(inputs.forward_batch)
         if inputs.sample_rows is not None:
             logits = logits[inputs.sample_rows]
         sampling_reqs = [r for r, s in zip(batch.reqs, batch.samples, strict=True) if s]
-        sampled = self._sample(sampling_reqs, logits) if sampling_reqs else []
+        out = self._sample(sampling_reqs, logits) if sampling_reqs else None
 
         for req, n in zip(batch.reqs, batch.extend_lens, strict=True):
             req.num_computed += n
         if batch.is_prefill:
             self._tokens_prefilled += batch.num_tokens
+            # At launch rather than when processed: requests scheduled next (while this batch still runs)
+            # can reuse these pages, as without overlap; their K/V is written by this batch, which the
+            # device runs before any later step that reads them.
             for req in batch.reqs:
                 self._cache_computed_pages(req)
         else:
             self._tokens_decoded += batch.num_tokens
-        for req, tok in zip(sampling_reqs, sampled, strict=True):
+        for req in sampling_reqs:
+            req.num_inflight += 1
+        return InflightBatch(
+            sampling_reqs,
+            out.token_ids if out is not None else None,
+            PendingResults.start(out) if out is not None else None,
+        )
+
+    def _process(self, flight: InflightBatch) -> list[Req]:
+        """Wait for a launched batch's tokens, append them and retire the requests that finish."""
+        if flight.results is None:
+            return []
+        done: list[Req] = []
+        for req, tok in zip(flight.reqs, flight.results.to_host(), strict=True):
+            req.num_inflight -= 1
+            if req.finished:
+                continue  # finished while this batch ran (eos in the previous batch, finish() from outside)
             req.token_ids.append(tok.token_id)
             if tok.logprob is not None:
                 req.output_logprobs.append((tok.logprob, tok.top_logprobs or []))
@@ -178,25 +265,27 @@ class Scheduler:
             reason = self._finish_reason(req, tok.token_id)
             if reason is not None:
                 self.finish(req, reason)
-        return sampling_reqs
+            done.append(req)
+        return done
 
-    def _sample(self, reqs: list[Req], logits: torch.Tensor) -> list[SampledToken]:
+    def _sample(self, reqs: list[Req], logits: torch.Tensor) -> SampleOutput:
         for req in reqs:
             if req.penalty_state is None and needs_penalties(req.sampling):
-                # Once per request: `commit` keeps it current, and a preemption does not change the history.
+                # Once per request, at its first sampled token (none is in flight then): `commit` keeps it
+                # current on the device, and a preemption does not change the history.
                 req.penalty_state = PenaltyState.create(
                     req.prompt_ids, logits.shape[1], logits.device, req.output_ids
                 )
         sb = SamplingBatch.build(
             [r.sampling for r in reqs],
             [r.seed for r in reqs],
-            [r.num_output for r in reqs],
+            [r.num_sampled for r in reqs],
             device=logits.device,
             penalty_states=[r.penalty_state for r in reqs],
         )
         out = sample(logits, sb)
         sb.commit(out.token_ids)
-        return out.to_host()  # the step's one device->host copy
+        return out
 
     def _finish_reason(self, req: Req, token: int) -> str | None:
         if token in req.sampling.stop_token_ids or (
@@ -254,22 +343,28 @@ class Scheduler:
         running = self.running
         i = 0
         while i < len(running):
-            if self._grow(running[i], running[i].seq_len):
+            if self._ends_in_flight(running[i]) or self._grow(running[i], running[i].total_len):
                 i += 1
             else:
                 # Out of pages: the newest request gives its pages back (possibly running[i] itself).
                 self._preempt(running.pop())
-        return Batch(list(running), [1] * len(running), is_prefill=False) if running else None
+        reqs = [r for r in running if not self._ends_in_flight(r)]
+        return Batch(reqs, [1] * len(reqs), is_prefill=False) if reqs else None
+
+    @staticmethod
+    def _ends_in_flight(req: Req) -> bool:
+        """Its token in flight is its last (by max_new_tokens): it finishes when processed, so no decode."""
+        return req.num_inflight > 0 and req.num_sampled >= req.max_new_tokens
 
     def _cached_len(self, req: Req) -> int:
-        return self.cache.match_prefix(req.token_ids[: req.seq_len - 1], count=False).length
+        return self.cache.match_prefix(req.token_ids[: req.total_len - 1], count=False).length
 
     def _uncached_start(self, req: Req, cached: int) -> tuple[int, ...]:
         """The request's first IN_BATCH_PREFIX tokens after its cached part; () when fewer remain (a short
         remainder is not worth a step's wait)."""
         n = max(IN_BATCH_PREFIX, self.allocator.page_size)
         start = tuple(req.token_ids[cached : cached + n])
-        return start if len(start) == n and cached + n < req.seq_len else ()
+        return start if len(start) == n and cached + n < req.total_len else ()
 
     def _order_waiting(self) -> None:
         """Longest cached prefix first, so requests sharing a prefix run while its pages are cached (and locked);
@@ -292,10 +387,11 @@ class Scheduler:
 
     def _admit(self, req: Req) -> bool:
         """Give `req` a page-table row and pages for its tokens plus one new one, reusing a cached prefix."""
-        # The last token is always computed, even when cached: its logits give the next token.
-        match = self.cache.match_prefix(req.token_ids[: req.seq_len - 1])
+        # The last token is always computed, even when cached: its logits give the next token. (Were it in
+        # flight, token_ids would end before it: only known ids are looked up.)
+        match = self.cache.match_prefix(req.token_ids[: req.total_len - 1])
         self.cache.lock(match.handle)  # before allocating, so eviction cannot take the matched pages
-        pages = self._alloc_pages(self.allocator.pages_needed(req.seq_len + 1) - len(match.pages))
+        pages = self._alloc_pages(self.allocator.pages_needed(req.total_len + 1) - len(match.pages))
         if pages is None:
             self.cache.unlock(match.handle)
             return False
@@ -325,6 +421,8 @@ class Scheduler:
         return self.allocator.alloc(n)
 
     def _preempt(self, req: Req) -> None:
+        # A token it has in flight is processed (appended) by the step() that preempts it, before the next
+        # schedule() can re-admit it; prepare_step would feed it from the device otherwise.
         self._release(req)
         req.num_computed = 0
         req.num_preemptions += 1
@@ -336,7 +434,7 @@ class Scheduler:
         finishes: requests admitted from the next step on reuse a long shared prompt while this one still runs.
         The request then reads the cache's pages; any it computed twice (another request cached the same tokens
         first) are freed, and its page-table row is rewritten at its next step."""
-        num_pages = req.num_computed // self.allocator.page_size
+        num_pages = req.num_cacheable // self.allocator.page_size
         tokens = req.token_ids[: num_pages * self.allocator.page_size]
         if num_pages == 0:
             return
@@ -361,7 +459,7 @@ class Scheduler:
 
     def _release(self, req: Req) -> None:
         """Hand `req`'s computed pages to the prefix cache, free the rest and its page-table row."""
-        self.allocator.free(self.cache.insert(req.token_ids[: req.num_computed], req.pages))
+        self.allocator.free(self.cache.insert(req.token_ids[: req.num_cacheable], req.pages))
         self.cache.unlock(req.cache_handle)
         self.page_table.free_row(req.row)
         req.row, req.pages, req.cache_handle, req.num_mapped = -1, [], None, 0

@@ -1,18 +1,23 @@
 """A scheduled Batch -> the device tensors of its step: the ForwardBatch, the page-table writes, the rows
 that sample.
 
-Everything is gathered on the host into one int64 tensor and copied to the device once per step, then
-split into views: one transfer instead of ten, and nothing here reads device memory.
+Everything is gathered on the host into one int64 tensor and copied to the device once per step, from
+pinned memory without blocking (engine/host_copy.py), then split into views: one transfer instead of ten,
+and nothing here reads device memory. With overlap scheduling, a request's last token may still be in
+flight (sampled by the step running on the device): its input id is copied there, device to device, from
+that step's sampled ids.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 
 import torch
 
 from minisgl_cli.engine.forward_batch import ForwardBatch
+from minisgl_cli.engine.host_copy import to_device
 from minisgl_cli.engine.kv.allocator import PageAllocator
 from minisgl_cli.engine.kv.page_table import PageTable
 from minisgl_cli.engine.request import Batch
@@ -25,12 +30,20 @@ class StepInputs:
 
 
 def prepare_step(
-    batch: Batch, allocator: PageAllocator, page_table: PageTable, device: torch.device
+    batch: Batch,
+    allocator: PageAllocator,
+    page_table: PageTable,
+    device: torch.device,
+    prev_ids: torch.Tensor | None = None,
+    prev_rows: Sequence[int] = (),
 ) -> StepInputs:
     """Write the slots of the batch's new positions into the page table and build the step's ForwardBatch.
 
     A request's unmapped positions start at `num_mapped`: usually its new tokens, plus the cached prefix on
     the first step after admission (its slots are the prefix cache's pages).
+
+    `prev_ids`: the sampled ids [S] (on the device) of the step in flight; `prev_rows[i]`: the row in them of
+    the token `batch.reqs[i]` has in flight, or -1. Needed only when some request of the batch has one.
     """
     input_ids: list[int] = []
     positions: list[int] = []
@@ -40,8 +53,10 @@ def prepare_step(
     map_slots: list[int] = []
     seq_lens: list[int] = []
     logits_indices: list[int] = []
+    fill_at: list[int] = []  # indices into input_ids that take an in-flight token...
+    fill_from: list[int] = []  # ...from these rows of prev_ids
     num_tokens = 0
-    for req, n in zip(batch.reqs, batch.extend_lens, strict=True):
+    for i, (req, n) in enumerate(zip(batch.reqs, batch.extend_lens, strict=True)):
         start, end = req.num_computed, req.num_computed + n
         slots = allocator.slots(req.pages, req.num_mapped, end)
         map_rows += [req.row] * len(slots)
@@ -49,6 +64,16 @@ def prepare_step(
         map_slots += slots
         req.num_mapped = end
         input_ids += req.token_ids[start:end]
+        if req.num_inflight and end > req.seq_len:
+            # The in-flight token is always the sequence's last, so the chunk's last: a placeholder here,
+            # overwritten on the device below.
+            if prev_ids is None or not prev_rows or prev_rows[i] < 0:
+                raise RuntimeError(
+                    f"request {req.rid} feeds a token in flight but no in-flight row was given"
+                )
+            fill_at.append(num_tokens + n - 1)
+            fill_from.append(prev_rows[i])
+            input_ids.append(0)
         positions += range(start, end)
         out_slots += slots[len(slots) - n :]
         seq_lens.append(end)
@@ -58,11 +83,12 @@ def prepare_step(
     sample_rows = None if all(batch.samples) else [i for i, s in enumerate(batch.samples) if s]
 
     parts = (input_ids, positions, out_slots, req_rows, seq_lens, batch.extend_lens, logits_indices,
-             map_rows, map_positions, map_slots, sample_rows or [])  # fmt: skip
-    host = torch.tensor(list(chain.from_iterable(parts)), dtype=torch.int64)
-    # A pageable copy: small, and a persistent pinned buffer belongs to the overlap scheduler.
-    views = host.to(device).split([len(p) for p in parts])
+             map_rows, map_positions, map_slots, sample_rows or [], fill_at, fill_from)  # fmt: skip
+    views = to_device(list(chain.from_iterable(parts)), torch.int64, device).split([len(p) for p in parts])
     page_table.table[views[7], views[8]] = views[9]
+    if fill_at:
+        assert prev_ids is not None
+        views[0].index_copy_(0, views[11], prev_ids.index_select(0, views[12]))
     forward_batch = ForwardBatch(
         input_ids=views[0],
         positions=views[1],

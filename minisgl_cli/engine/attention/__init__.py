@@ -1,17 +1,35 @@
-"""Attention backends behind one interface; `create_backend` picks one by name."""
+"""Attention backends behind one interface; `create_backend` picks them by name.
+
+A name is "torch", "flashinfer", "auto" (flashinfer where it can run: CUDA, half precision, FlashInfer
+installed; torch otherwise), or a "PREFILL,DECODE" pair of those, which runs prefill/extend steps on the
+first and decode steps on the second.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from minisgl_cli.engine.attention.base import AttentionBackend
+from minisgl_cli.engine.kernels import flashinfer
 from minisgl_cli.engine.kv.page_table import PageTable
 from minisgl_cli.engine.kv.pool import KVPool
 from minisgl_cli.errors import UsageError
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "flashinfer")
 
-__all__ = ["BACKENDS", "AttentionBackend", "create_backend"]
+__all__ = ["BACKENDS", "AttentionBackend", "create_backend", "resolve_backend_names"]
+
+
+def resolve_backend_names(name: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(prefill, decode) concrete backend names for a setting such as "auto" or "flashinfer,torch"."""
+    parts = name.split(",")
+    if len(parts) > 2 or any(p not in BACKENDS for p in parts):
+        raise UsageError(
+            f"unknown attention backend {name!r} (choose from: {', '.join(BACKENDS)}, or a PREFILL,DECODE pair)"
+        )
+    fits = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and flashinfer() is not None
+    concrete = [("flashinfer" if fits else "torch") if p == "auto" else p for p in parts]
+    return concrete[0], concrete[-1]
 
 
 def create_backend(
@@ -21,14 +39,34 @@ def create_backend(
     page_table: PageTable,
     num_heads: int,
     head_dim: int,
-    device: torch.device,
+    page_size: int,
+    prefill_kernel: str = "auto",
 ) -> AttentionBackend:
-    """The backend called `name`; "auto" picks the best one available on `device`."""
-    if name == "auto":
-        # FlashInfer joins here (for CUDA) when it lands; torch is the reference everywhere.
-        name = "torch"
-    if name == "torch":
-        from minisgl_cli.engine.attention.torch_backend import TorchBackend
+    """The backend (or prefill/decode pair) called `name`."""
+    prefill, decode = resolve_backend_names(name, kv_pool.device, kv_pool.dtype)
+    made: dict[str, AttentionBackend] = {}
 
-        return TorchBackend(kv_pool, page_table, num_heads=num_heads, head_dim=head_dim)
-    raise UsageError(f"unknown attention backend {name!r} (choose from: {', '.join(BACKENDS)})")
+    def make(kind: str) -> AttentionBackend:
+        if kind not in made:
+            if kind == "torch":
+                from minisgl_cli.engine.attention.torch_backend import TorchBackend
+
+                made[kind] = TorchBackend(kv_pool, page_table, num_heads=num_heads, head_dim=head_dim)
+            else:
+                from minisgl_cli.engine.attention.flashinfer_backend import FlashInferBackend
+
+                made[kind] = FlashInferBackend(
+                    kv_pool,
+                    page_table,
+                    num_heads=num_heads,
+                    head_dim=head_dim,
+                    page_size=page_size,
+                    prefill_kernel=prefill_kernel,
+                )
+        return made[kind]
+
+    if prefill == decode:
+        return make(prefill)
+    from minisgl_cli.engine.attention.split_backend import SplitBackend
+
+    return SplitBackend(make(prefill), make(decode))

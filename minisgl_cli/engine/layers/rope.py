@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from minisgl_cli.engine.kernels import flashinfer, use_kernels
 from minisgl_cli.engine.models.config import Llama3RopeScaling
 
 
@@ -40,7 +41,22 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D] and k [T, Hk, D] rotated by the angles of their positions [T]."""
+        """q [T, Hq, D] and k [T, Hk, D] rotated by the angles of their positions [T].
+
+        On CUDA FlashInfer's kernel rotates q and k in place (they are this layer's fresh projections) and
+        reads the same float32 (cos | sin) cache.
+        """
+        if use_kernels(q):
+            head_dim = q.shape[-1]
+            flashinfer().rope.apply_rope_with_cos_sin_cache_inplace(
+                positions,
+                q.view(q.shape[0], -1),
+                k.view(k.shape[0], -1),
+                head_dim,
+                self.cos_sin,
+                is_neox=True,
+            )
+            return q, k
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
