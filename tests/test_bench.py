@@ -26,8 +26,8 @@ from minisgl_cli.bench.latency import (
     DecodeTraffic,
     LatencyResult,
     parse_batch_sizes,
-    peak_bandwidth,
     run_latency,
+    streaming_bandwidth,
     with_roofline,
 )
 from minisgl_cli.bench.offline import ThroughputResult, exact_greedy, run_offline
@@ -219,7 +219,7 @@ def test_roofline_bytes_by_hand(tiny: Path, hf_model: Any) -> None:
     assert with_roofline(res, traffic, None) == res
     share = with_roofline(res, traffic, 1e9).roofline_share
     assert share == pytest.approx(traffic.decode_bytes(2, 6, 3) / 1e9 / 0.5)
-    assert peak_bandwidth(torch.device("cpu")) is None
+    assert streaming_bandwidth(torch.device("cpu")) is None
 
 
 # --- report ---------------------------------------------------------------------------------------------------
@@ -375,6 +375,7 @@ def test_offline_command_with_hf_baseline_prints_and_writes_json(tiny: Path, tmp
         "output_len": "2,6",
         "dataset_seed": 4,
         "hf_batch_size": 2,
+        "temperature": 0.6,
     }
     ratio = float(RATIO.search(res.stdout).group(0).split("= ")[1].rstrip("x"))
     assert ratio == pytest.approx(report["comparisons"][0]["ratio"], abs=0.006)
@@ -430,7 +431,13 @@ def test_latency_command_with_hf_baseline(tiny: Path, tmp_path: Path) -> None:
     assert all(
         r[k] > 0 for r in report["results"] for k in ("prefill_ms", "decode_ms_per_step", "decode_tok_per_s")
     )
-    assert report["config"]["bench"] == {"batch_sizes": [1, 2], "input_len": 6, "output_len": 4, "seed": 0}
+    assert report["config"]["bench"] == {
+        "batch_sizes": [1, 2],
+        "input_len": 6,
+        "output_len": 4,
+        "seed": 0,
+        "bandwidth_bytes_per_s": None,
+    }
     assert [c["metric"] for c in report["comparisons"]] == ["prefill_tok_per_s", "decode_tok_per_s"] * 2
 
 

@@ -1,7 +1,8 @@
 """The transformers baseline: the same requests through `AutoModelForCausalLM`, on the same dtype and device.
 
 Offline, as vLLM's HF throughput backend does: requests, in workload order, are grouped into batches of
-`batch_size`; each batch is left-padded and run by `generate()`, greedy, with min_new_tokens = max_new_tokens
+`batch_size`; each batch is left-padded and run by `generate()` (greedy, or sampled at the same temperature),
+with min_new_tokens = max_new_tokens
 = the batch's longest output length, so no row stops early. Only each request's own output length is counted:
 the tokens a shorter request generates while its batch finishes are the waste of static batching.
 
@@ -74,6 +75,8 @@ def run_hf_offline(
     workload: Workload,
     batch_size: int,
     on_done: Progress | None = None,
+    *,
+    temperature: float = 0.0,
 ) -> ThroughputResult:
     """Warm up, then run `workload` in static batches of `batch_size` and time it (see the module docstring)."""
     if batch_size < 1:
@@ -85,7 +88,7 @@ def run_hf_offline(
     start = time.perf_counter()
     for first in range(0, len(requests), batch_size):
         batch = requests[first : first + batch_size]
-        _generate(model, batch, device)
+        _generate(model, batch, device, temperature)
         finish_s.extend([time.perf_counter() - start] * len(batch))  # a static batch ends all at once
         if on_done is not None:
             on_done(len(batch))
@@ -96,8 +99,11 @@ def run_hf_offline(
 
 
 @torch.inference_mode()
-def _generate(model: PreTrainedModel, batch: list[BenchRequest], device: torch.device) -> None:
-    """One left-padded greedy generate() of `batch`, every row run to the batch's longest output length."""
+def _generate(
+    model: PreTrainedModel, batch: list[BenchRequest], device: torch.device, temperature: float = 0.0
+) -> None:
+    """One left-padded generate() of `batch` (greedy at temperature 0, else sampled with no top-k/top-p),
+    every row run to the batch's longest output length."""
     width = max(r.input_len for r in batch)
     ids = torch.full((len(batch), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -108,7 +114,11 @@ def _generate(model: PreTrainedModel, batch: list[BenchRequest], device: torch.d
     out = model.generate(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
-        do_sample=False,
+        **(
+            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+            if temperature > 0
+            else {"do_sample": False}
+        ),
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
     )

@@ -2,17 +2,21 @@
 each decode step until every request holds `output_len` new tokens.
 
 The engine is measured through its real path: the LLM's own Scheduler picks every batch and runs it
-(`schedule()` then `run_batch()`), and each step is timed around that pair. A step ends with the copy of the
-sampled ids to the host, which waits for the device, so a step's wall-clock time covers its device work.
-Not included: detokenization (no text is made; a server does it in another process).
+(`step()`, with overlap scheduling where the engine uses it). The two phases are timed as wholes: prefill from
+the first step until every request's first token is on the host, decode from there until the last token is.
+Waiting for tokens on the host waits for the device, so the times cover the device's work. With overlap the
+CPU launches the first decode step before it reads the prefill's tokens, so that launch counts as prefill.
+The decode time per step is the decode phase's wall time over its steps: with overlap, the CPU's work that
+runs while the GPU computes costs nothing, as in real use. Not included: detokenization (no text is made; a
+server does it in another process).
 
 The prefill samples each request's first token, so a request of `output_len` tokens takes `output_len - 1`
 decode steps; a prefill larger than `--max-prefill-tokens` runs in several chunks, all counted as prefill.
 
 Roofline (GPU): a decode step must at least read every weight once and each request's K/V, so
-(bytes read) / (peak memory bandwidth) is a lower bound on its time; `roofline_share` is that bound over the
-measured time (1.0 = at the memory roofline). It is None where the peak bandwidth is unknown (CPUs, GPUs
-missing from the table below).
+(bytes read) / (memory bandwidth) is a lower bound on its time; `roofline_share` is that bound over the
+measured time (1.0 = at the memory roofline). The bandwidth is measured in the same run, as the rate at which
+a bf16 matrix-vector product streams a 1 GiB matrix (`streaming_bandwidth`). None on CPUs.
 """
 
 from __future__ import annotations
@@ -31,14 +35,7 @@ if TYPE_CHECKING:
 
     from minisgl_cli.engine.llm import LLM
     from minisgl_cli.engine.models.config import ModelConfig
-
-# Peak memory bandwidth in bytes/s, by a fragment of torch.cuda.get_device_name() (vendors' datasheets).
-_PEAK_BANDWIDTH = (
-    ("H200", 4.8e12),
-    ("H100 80GB HBM3", 3.35e12),  # H100 SXM
-    ("H100 PCIe", 2.0e12),
-    ("A100-SXM4-80GB", 2.039e12),
-)
+    from minisgl_cli.engine.scheduler import Scheduler
 
 
 @dataclass
@@ -139,32 +136,36 @@ def _measure(llm: LLM, batch_size: int, input_len: int, output_len: int, seed: i
     scheduler = llm.scheduler
     if scheduler.has_work:
         raise MinisglError("the engine is busy with other requests: a latency run needs it to itself")
+    # A batch still in flight from an earlier call (its requests all finished) is processed now, untimed.
+    scheduler.step()
     vocab_size = llm.runner.model_config.vocab_size
     workload = random_workload(batch_size, (input_len, input_len), (output_len, output_len), vocab_size, seed)
     scheduler.drop_cached_prefixes()  # the warm-up and earlier batch sizes use the same prompts
     preemptions = scheduler.stats().num_preemptions
     reqs = [scheduler.add(r.prompt_ids, exact_greedy(output_len)) for r in workload.requests]
-    prefill_s = decode_s = 0.0
     decode_steps = 0
     try:
+        start = time.perf_counter()
+        while not all(r.num_output > 0 for r in reqs):
+            _step(scheduler)
+        prefill_end = time.perf_counter()
         while not all(r.finished for r in reqs):
-            start = time.perf_counter()
-            batch = scheduler.schedule()
-            if batch is None:
-                raise RuntimeError("the scheduler found nothing to run for unfinished requests")  # a bug
-            scheduler.run_batch(batch)
-            elapsed = time.perf_counter() - start
-            if batch.is_prefill:
-                prefill_s += elapsed
-            else:
-                decode_s += elapsed
-                decode_steps += 1
+            _step(scheduler)
+            decode_steps += 1
+        decode_end = time.perf_counter()
     finally:
         for req in reqs:
             scheduler.finish(req, FinishReason.ABORT)  # no-op for finished ones; frees the rest on error
     if scheduler.stats().num_preemptions != preemptions:
         raise MinisglError("requests were preempted during the latency run: give the KV cache more room")
+    prefill_s, decode_s = prefill_end - start, decode_end - prefill_end
     return LatencyResult("minisgl", batch_size, input_len, output_len, prefill_s, decode_steps, decode_s)
+
+
+def _step(scheduler: Scheduler) -> None:
+    if not scheduler.has_work:
+        raise RuntimeError("the scheduler has nothing to run for unfinished requests")  # a bug
+    scheduler.step()
 
 
 # ---- the roofline hook
@@ -202,14 +203,30 @@ class DecodeTraffic:
         return decode_steps * self.weight_bytes + batch_size * positions * self.kv_bytes_per_token
 
 
-def peak_bandwidth(device: torch.device) -> float | None:
-    """Peak memory bandwidth (bytes/s) of a known GPU; None on CPU or an unknown GPU."""
+def streaming_bandwidth(device: torch.device) -> float | None:
+    """Bytes/s at which this GPU streams a weight matrix through a bf16 matrix-vector product, measured now
+    (what a batch-1 decode step does with every weight); None on CPU.
+
+    A measurement rather than the datasheet figure: the same card reads at different rates depending on
+    clocks and the access pattern, and a copy kernel (read + write) overstates what a GEMV gets.
+    """
     if device.type != "cuda":
         return None
     import torch
 
-    name = torch.cuda.get_device_name(device)
-    return next((bw for fragment, bw in _PEAK_BANDWIDTH if fragment in name), None)
+    rows, cols = 1 << 17, 4096  # 1 GiB of bf16: far past the L2 cache
+    weight = torch.empty(rows, cols, dtype=torch.bfloat16, device=device).normal_()
+    x = torch.randn(cols, 1, dtype=torch.bfloat16, device=device)
+    times = []
+    for i in range(13):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        torch.matmul(weight, x)
+        end.record()
+        end.synchronize()
+        if i >= 3:  # warm-up: cuBLAS picks its kernel and the clocks rise
+            times.append(begin.elapsed_time(end) / 1e3)
+    return weight.numel() * weight.element_size() / sorted(times)[len(times) // 2]
 
 
 def with_roofline(result: LatencyResult, traffic: DecodeTraffic, bandwidth: float | None) -> LatencyResult:

@@ -1,7 +1,8 @@
 """Offline throughput: a whole workload handed to the engine at once, timed from submission to the last output.
 
-Every request runs greedily with `ignore_eos` and `max_tokens` = its output length, so it generates exactly
-that many tokens and both systems do the same work whatever the weights. The counts in the result are what
+Every request runs with `ignore_eos` and `max_tokens` = its output length, so it generates exactly that many
+tokens and both systems do the same work whatever the weights; tokens are sampled at one temperature
+(0: greedy), with no top-k or top-p, on both systems. The counts in the result are what
 the engine reports per request (usage), not what was asked for, so a request cut short would show.
 """
 
@@ -70,6 +71,7 @@ def run_offline(
     *,
     system: str = "minisgl",
     warmup: bool = True,
+    temperature: float = 0.0,
 ) -> ThroughputResult:
     """Warm up (unless the caller did), then run every request of `workload` through `llm` in one call and time it.
 
@@ -81,7 +83,10 @@ def run_offline(
         warm_up(llm)
     llm.scheduler.drop_cached_prefixes()  # nothing from an earlier run may be reused by the timed one
     prompts = [r.prompt_ids for r in workload.requests]
-    params = [exact_greedy(r.output_len) for r in workload.requests]
+    params = [
+        SamplingParams(temperature=temperature, max_tokens=r.output_len, ignore_eos=True)
+        for r in workload.requests
+    ]
     input_tokens = output_tokens = cached_tokens = 0
     finish_s: list[float] = []
     start = time.perf_counter()

@@ -14,8 +14,9 @@ JSON document (schema_version 1). Every key is always present; null where it doe
                    "engine": {every EngineConfig field},
                    "bench": offline: {"dataset": "random" | the dataset file's path, "num_prompts": requests run,
                                       "input_len": str | null (a dataset file), "output_len", "dataset_seed",
-                                      "hf_batch_size": int | null}
-                            latency: {"batch_sizes": [int], "input_len": int, "output_len": int, "seed": int}}
+                                      "hf_batch_size": int | null, "temperature": float}
+                            latency: {"batch_sizes": [int], "input_len": int, "output_len": int, "seed": int,
+                                      "bandwidth_bytes_per_s": float | null (measured on GPUs)}}
                 serve: {"model": str, "url": str,
                         "bench": {"dataset": "random" | "sharegpt", "dataset_path": str | null,
                                   "num_prompts", "input_len": str | null (sharegpt), "output_len": str,

@@ -98,10 +98,20 @@ def offline(
             show_default=False,
         ),
     ] = None,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            "--temperature",
+            help="Sampling temperature of every request (0: greedy); 0.6 is the common offline workload's.",
+            min=0.0,
+            max=100.0,
+        ),
+    ] = 0.6,
     json_path: JsonOption = None,
     plot_path: PlotOption = None,
 ) -> None:
-    """Throughput: every prompt at once, each generating exactly its output length (greedy, eos ignored).
+    """Throughput: every prompt at once, each generating exactly its output length (eos ignored), sampled at
+    --temperature.
 
     --dataset random (the default): prompts of random token ids, --num-prompts of them, lengths uniform in
     --input-len and --output-len (N or MIN,MAX), drawn from --dataset-seed.
@@ -115,8 +125,8 @@ def offline(
     over time.
 
     --baseline hf runs transformers on the same requests as vLLM's HF backend does: static batches of
-    --hf-batch-size, left-padded, greedy, every row generating the batch's longest output; only each
-    request's own output tokens are counted.
+    --hf-batch-size, left-padded, sampled at the same temperature (no top-k or top-p), every row generating
+    the batch's longest output; only each request's own output tokens are counted.
 
     Example: minisgl bench offline --dummy-weights -m qwen3-0.6b --num-prompts 32 --input-len 256 --output-len 128
     """
@@ -149,14 +159,14 @@ def offline(
     workload = _offline_workload(cfg, setup)
     llm = LLM.from_config(engine)
     with _progress("minisgl", len(workload.requests)) as advance:
-        results = [run_offline(llm, workload, advance)]
+        results = [run_offline(llm, workload, advance, temperature=temperature)]
     del llm  # its weights and KV pool go before the baseline loads
     if baseline == "hf":
         from minisgl_cli.bench.hf_baseline import run_hf_offline
 
         model = _load_hf(engine, setup)
         with _progress("transformers", len(workload.requests)) as advance:
-            results.append(run_hf_offline(model, workload, hf_batch_size, advance))
+            results.append(run_hf_offline(model, workload, hf_batch_size, advance, temperature=temperature))
 
     comparisons = offline_comparisons(results)
     title = f"bench offline: {setup.source.name}"
@@ -169,6 +179,7 @@ def offline(
             "output_len": bench.output_len,
             "dataset_seed": bench.dataset_seed,
             "hf_batch_size": hf_batch_size if baseline else None,
+            "temperature": temperature,
         }
         config = _report_config(engine, setup, baseline, workload_config)
         _write(json_path, build_report("offline", config, results, comparisons))
@@ -210,7 +221,7 @@ def latency(
     check_lengths(input_len, output_len)
     _check_outputs(json_path, plot_path)
 
-    from minisgl_cli.bench.latency import DecodeTraffic, peak_bandwidth, run_latency, with_roofline
+    from minisgl_cli.bench.latency import DecodeTraffic, run_latency, streaming_bandwidth, with_roofline
     from minisgl_cli.bench.report import build_report, latency_comparisons, latency_table
     from minisgl_cli.engine.llm import LLM
 
@@ -227,8 +238,8 @@ def latency(
         model = _load_hf(engine, setup)
         with _progress("transformers", len(sizes)) as advance:
             results += run_hf_latency(model, sizes, input_len, output_len, seed, advance)
-    # The hook for the roofline share: filled in on GPUs whose peak bandwidth is known (see bench/latency.py).
-    bandwidth = peak_bandwidth(setup.device)
+    # The roofline share, on GPUs: the bytes a decode step must read over the bandwidth measured now.
+    bandwidth = streaming_bandwidth(setup.device)
     if bandwidth is not None:
         traffic = DecodeTraffic.of_model(setup.model_config, setup.dtype)
         results = [with_roofline(r, traffic, bandwidth) for r in results]
@@ -236,8 +247,15 @@ def latency(
     comparisons = latency_comparisons(results)
     title = f"bench latency: {setup.source.name}"
     _print(title, latency_table(results), comparisons)
+    if bandwidth is not None:
+        ui.console.print(
+            f"roofline: weights ({traffic.weight_bytes / 1e9:.2f} GB) and K/V read once per decode step at "
+            f"{bandwidth / 1e12:.2f} TB/s, the bf16 GEMV streaming rate measured in this run",
+            highlight=False,
+        )
     if json_path is not None:
-        own = {"batch_sizes": sizes, "input_len": input_len, "output_len": output_len, "seed": seed}
+        own = {"batch_sizes": sizes, "input_len": input_len, "output_len": output_len, "seed": seed,
+               "bandwidth_bytes_per_s": bandwidth}  # fmt: skip
         _write(
             json_path,
             build_report("latency", _report_config(engine, setup, baseline, own), results, comparisons),

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of docs/benchmarks.md, on one H100 with dummy weights at real shapes.
+#
+#   scripts/bench_gpu.sh main        latency (llama-3.1-8b), offline qwen3-8b, ablations on qwen3-0.6b (~5 min)
+#   scripts/bench_gpu.sh hf          offline qwen3-0.6b against transformers, same run (~6 min)
+#
+# Run from the project root after `source .gpu/activate.sh` (see ../shared/gpu/README.md); JSON reports go
+# to $OUT (default ./bench-out).
+set -uo pipefail
+out="${OUT:-bench-out}"
+mkdir -p "$out"
+mini() { python3 -m minisgl_cli "$@"; }
+offline06() {  # offline qwen3-0.6b, the default workload, with extra engine flags; $1 names the report
+  local name="$1"; shift
+  echo "== offline qwen3-0.6b $name: $*"
+  mini bench offline --dummy-weights -m qwen3-0.6b "$@" --json "$out/offline_qwen3-0.6b_$name.json" 2>&1 | tail -4
+}
+
+case "${1:-main}" in
+  main)
+    mini bench latency --dummy-weights -m llama-3.1-8b --batch-sizes 1 --input-len 128 --output-len 512 \
+      --json "$out/latency_llama-3.1-8b_b1.json" 2>&1 | tail -6
+    mini bench latency --dummy-weights -m llama-3.1-8b --batch-sizes 1,8,64,256 --input-len 128 --output-len 256 \
+      --json "$out/latency_llama-3.1-8b.json" 2>&1 | tail -10
+    mini bench offline --dummy-weights -m qwen3-8b --json "$out/offline_qwen3-8b.json" 2>&1 | tail -4
+    offline06 default
+    offline06 no-overlap --disable-overlap
+    offline06 no-graphs --cuda-graph-max-bs 0
+    offline06 page16 --page-size 16
+    offline06 page256 --page-size 256
+    offline06 fa2 --prefill-kernel fa2
+    offline06 fa3 --prefill-kernel fa3
+    offline06 greedy --temperature 0
+    ;;
+  hf)
+    mini bench offline --dummy-weights -m qwen3-0.6b --baseline hf --json "$out/offline_qwen3-0.6b_hf.json" 2>&1 | tail -8
+    ;;
+  *) echo "usage: scripts/bench_gpu.sh main|hf"; exit 2 ;;
+esac
