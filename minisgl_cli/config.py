@@ -143,6 +143,12 @@ class EngineConfig(_Section):
         'FlashInfer prefill kernel: "auto" (FA3 on Hopper), "fa2" or "fa3".',
         choices=("auto", "fa2", "fa3"),
     )
+    decode_kernel: str = setting(
+        "auto",
+        'FlashInfer decode kernel: "auto" (tensor cores when 4+ query heads share a KV head), "tensor-cores" '
+        'or "cuda-cores".',
+        choices=("auto", "tensor-cores", "cuda-cores"),
+    )
     cuda_graph_max_bs: int = setting(
         256, "Largest decode batch captured in a CUDA graph (0: no graphs).", min=0
     )

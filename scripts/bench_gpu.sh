@@ -3,6 +3,7 @@
 #
 #   scripts/bench_gpu.sh main        latency (llama-3.1-8b), offline qwen3-8b, ablations on qwen3-0.6b (~5 min)
 #   scripts/bench_gpu.sh hf          offline qwen3-0.6b against transformers, same run (~6 min)
+#   scripts/bench_gpu.sh decode      the decode-kernel ablation alone (tensor cores against CUDA cores)
 #
 # Run from the project root after `source .gpu/activate.sh` (see ../shared/gpu/README.md); JSON reports go
 # to $OUT (default ./bench-out).
@@ -31,9 +32,20 @@ case "${1:-main}" in
     offline06 fa2 --prefill-kernel fa2
     offline06 fa3 --prefill-kernel fa3
     offline06 greedy --temperature 0
+    offline06 decode-tensor-cores --decode-kernel tensor-cores
+    offline06 decode-cuda-cores --decode-kernel cuda-cores
+    ;;
+  decode)
+    offline06 decode-tensor-cores --decode-kernel tensor-cores
+    offline06 decode-cuda-cores --decode-kernel cuda-cores
+    for k in tensor-cores cuda-cores; do
+      mini bench offline --dummy-weights -m qwen3-8b --decode-kernel $k --json "$out/offline_qwen3-8b_$k.json" 2>&1 | tail -3
+      mini bench latency --dummy-weights -m llama-3.1-8b --batch-sizes 1,64 --input-len 128 --output-len 256 \
+        --decode-kernel $k --json "$out/latency_llama-3.1-8b_$k.json" 2>&1 | tail -6
+    done
     ;;
   hf)
     mini bench offline --dummy-weights -m qwen3-0.6b --baseline hf --json "$out/offline_qwen3-0.6b_hf.json" 2>&1 | tail -8
     ;;
-  *) echo "usage: scripts/bench_gpu.sh main|hf"; exit 2 ;;
+  *) echo "usage: scripts/bench_gpu.sh main|hf|decode"; exit 2 ;;
 esac

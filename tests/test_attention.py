@@ -74,6 +74,7 @@ def _run(
     backend_name: str = "torch",
     device: torch.device = CPU,
     head_dim: int = HEAD_DIM,
+    decode_kernel: str = "auto",
 ) -> None:
     torch.manual_seed(seed)
     seqs, num_slots = _make_seqs(shape, page_size, seed, head_dim)
@@ -111,6 +112,7 @@ def _run(
     )
     backend = create_backend(
         backend_name,
+        decode_kernel=decode_kernel,
         kv_pool=pool,
         page_table=table,
         num_heads=NUM_HEADS,
@@ -206,4 +208,24 @@ def test_gpu_backends_against_float64(backend_name: str, head_dim: int, page_siz
         backend_name=backend_name,
         device=CUDA,
         head_dim=head_dim,
+    )
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("decode_kernel", ["tensor-cores", "cuda-cores"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_gpu_flashinfer_decode_kernels_against_float64(
+    decode_kernel: str, head_dim: int, page_size: int
+) -> None:
+    _run(
+        GPU_SHAPES["decode"],
+        page_size,
+        torch.bfloat16,
+        seed=6,
+        backend_name="flashinfer",
+        device=CUDA,
+        head_dim=head_dim,
+        decode_kernel=decode_kernel,
     )

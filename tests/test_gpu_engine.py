@@ -132,8 +132,11 @@ def test_flashinfer_logits_match_torch_backend(model_dir: Path) -> None:
         nxt = step(work)
         work = [(sid, [int(t)]) for (sid, _), t in zip(work, nxt, strict=True)]
     report = f"flashinfer {[f'{e:.1e}' for e in fi_err]}, torch bf16 {[f'{e:.1e}' for e in torch_err]}"
-    assert max(fi_err) < 2e-2, report
-    assert sum(fi_err) <= 1.5 * sum(torch_err), report
+    # 2e-2, or bf16's own error on this model where that is larger: random weights without q/k norm (the
+    # llama case) give peaked attention whose bf16 rounding alone moves the logits by 5-8e-2, in both backends.
+    for fi, ref in zip(fi_err, torch_err, strict=True):
+        assert fi < max(2e-2, 1.15 * ref), report
+    assert sum(fi_err) <= 1.05 * sum(torch_err), report
     assert agree >= 0.9 * rows, f"greedy picks agree on {agree} of {rows} rows"
 
 
@@ -182,11 +185,13 @@ def test_flashinfer_greedy_tokens_match_torch_on_smollm2(smollm2_dir: Path) -> N
         assert diffs.count(None) >= 6, f"{backend}: first differences from the torch backend at {diffs}"
 
 
+@pytest.mark.parametrize("decode_kernel", ["tensor-cores", "cuda-cores"])
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_cuda_graphs_give_eager_tokens(model_dir: Path, page_size: int) -> None:
+def test_cuda_graphs_give_eager_tokens(model_dir: Path, page_size: int, decode_kernel: str) -> None:
     prompts = _prompts(11, seed=3)  # 11 decode rows: replayed in the graph of 16, padded
-    eager = _llm(model_dir, page_size=page_size, cuda_graph_max_bs=0)
-    graphs = _llm(model_dir, page_size=page_size, cuda_graph_max_bs=32)
+    kw = {"page_size": page_size, "decode_kernel": decode_kernel}
+    eager = _llm(model_dir, cuda_graph_max_bs=0, **kw)
+    graphs = _llm(model_dir, cuda_graph_max_bs=32, **kw)
     assert eager.runner.graphs is None and graphs.runner.graphs is not None
     assert graphs.runner.graphs.sizes == [1, 2, 4, 8, 16, 24, 32]
     assert _tokens(graphs, prompts, GREEDY_32) == _tokens(eager, prompts, GREEDY_32)

@@ -69,6 +69,7 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None) -> Engine
         mem_fraction=cfg.mem_fraction,
         attention_backend=cfg.attention_backend,
         prefill_kernel=cfg.prefill_kernel,
+        decode_kernel=cfg.decode_kernel,
         cuda_graph_max_bs=cfg.cuda_graph_max_bs,
         random_seed=cfg.random_seed,
     )

@@ -45,6 +45,7 @@ class ModelRunner:
         mem_fraction: float,
         attention_backend: str = "torch",
         prefill_kernel: str = "auto",
+        decode_kernel: str = "auto",
         cuda_graph_max_bs: int = 0,
         random_seed: int = 0,
     ) -> None:
@@ -80,6 +81,7 @@ class ModelRunner:
             head_dim=model_config.head_dim,
             page_size=page_size,
             prefill_kernel=prefill_kernel,
+            decode_kernel=decode_kernel,
         )
         self.graphs = self._capture_graphs(min(cuda_graph_max_bs, max_running_requests), max_context_len)
 

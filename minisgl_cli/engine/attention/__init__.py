@@ -41,6 +41,7 @@ def create_backend(
     head_dim: int,
     page_size: int,
     prefill_kernel: str = "auto",
+    decode_kernel: str = "auto",
 ) -> AttentionBackend:
     """The backend (or prefill/decode pair) called `name`."""
     prefill, decode = resolve_backend_names(name, kv_pool.device, kv_pool.dtype)
@@ -62,6 +63,7 @@ def create_backend(
                     head_dim=head_dim,
                     page_size=page_size,
                     prefill_kernel=prefill_kernel,
+                    decode_kernel=decode_kernel,
                 )
         return made[kind]
 

@@ -6,8 +6,8 @@ PageAllocator hands them out. A sequence's page ids are read off its page-table 
 positions (slot // page_size).
 
 Per step, `prepare` plans one wrapper, shared by every layer:
-  - decode batches (one new token each): the tensor-core decode wrapper (GQA groups map onto the MMA
-    tiles, faster than the CUDA-core kernel for grouped heads);
+  - decode batches (one new token each): the decode wrapper, on tensor cores when a KV head serves at least
+    4 query heads (the group then fills the MMA tiles; SGLang's rule), else the CUDA-core kernel;
   - prefill and extend batches: the paged prefill wrapper, causal with queries aligned to the end of each
     sequence's K/V (FA3 on Hopper under "auto", FA2 on request);
   - captured CUDA-graph batch sizes: one CUDA-graph decode wrapper per size, whose index buffers live at
@@ -35,6 +35,9 @@ from minisgl_cli.errors import MinisglError
 # recommends 128 MB, and long prefills with many heads use more.
 WORKSPACE_BYTES = 256 << 20
 PREFILL_KERNELS = ("auto", "fa2", "fa3")
+DECODE_KERNELS = ("auto", "tensor-cores", "cuda-cores")
+# Query heads per KV head from which "auto" decodes on tensor cores.
+TENSOR_CORE_MIN_GROUP = 4
 
 
 class FlashInferBackend(AttentionBackend):
@@ -47,6 +50,7 @@ class FlashInferBackend(AttentionBackend):
         head_dim: int,
         page_size: int,
         prefill_kernel: str = "auto",
+        decode_kernel: str = "auto",
     ) -> None:
         super().__init__(kv_pool, page_table, num_heads=num_heads, head_dim=head_dim)
         fi = flashinfer()
@@ -62,6 +66,12 @@ class FlashInferBackend(AttentionBackend):
             )
         if prefill_kernel not in PREFILL_KERNELS:
             raise MinisglError(f"unknown FlashInfer prefill kernel {prefill_kernel!r}")
+        if decode_kernel not in DECODE_KERNELS:
+            raise MinisglError(f"unknown FlashInfer decode kernel {decode_kernel!r}")
+        group = num_heads // kv_pool.num_kv_heads
+        self.tensor_cores = (
+            group >= TENSOR_CORE_MIN_GROUP if decode_kernel == "auto" else decode_kernel == "tensor-cores"
+        )
         self._fi = fi
         self.page_size = page_size
         self.num_kv_heads = kv_pool.num_kv_heads
@@ -71,7 +81,7 @@ class FlashInferBackend(AttentionBackend):
             self.workspace, "NHD", backend=prefill_kernel
         )
         self.decode_wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=True
+            self.workspace, "NHD", use_tensor_cores=self.tensor_cores
         )
         self._graph_wrappers: dict[int, object] = {}
         self._graph_indices: torch.Tensor | None = None
@@ -125,7 +135,7 @@ class FlashInferBackend(AttentionBackend):
                 self._graph_indices,
                 torch.zeros(bs, dtype=torch.int32, device=self.device),
                 "NHD",
-                use_tensor_cores=True,
+                use_tensor_cores=self.tensor_cores,
             )
 
     def prepare_capture(self, batch_size: int, out_slots: torch.Tensor) -> None:
