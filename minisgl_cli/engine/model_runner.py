@@ -10,6 +10,7 @@ from minisgl_cli.engine.attention import create_backend
 from minisgl_cli.engine.attention.flashinfer_backend import FlashInferBackend
 from minisgl_cli.engine.attention.split_backend import SplitBackend
 from minisgl_cli.engine.device import free_device_memory, kv_cache_tokens
+from minisgl_cli.engine.distributed import TPGroup
 from minisgl_cli.engine.forward_batch import ForwardBatch
 from minisgl_cli.engine.graphs import CudaGraphRunner
 from minisgl_cli.engine.kv.allocator import PageAllocator
@@ -27,7 +28,9 @@ class ModelRunner:
     """Builds everything a forward step needs, sized once at start-up.
 
     The pool has `num_pages` pages of `page_size` slots; page 0 is reserved for padding, so the
-    allocator hands out `num_pages - 1`. `weights_dir` None means seeded dummy weights.
+    allocator hands out `num_pages - 1`. `weights_dir` None means seeded dummy weights. Under tensor
+    parallelism (`tp`; one rank, the whole model, by default) it holds rank `tp.rank`'s share of the
+    weights and of the KV heads; every rank runs every step and gets the whole logits.
     """
 
     def __init__(
@@ -48,15 +51,18 @@ class ModelRunner:
         decode_kernel: str = "auto",
         cuda_graph_max_bs: int = 0,
         random_seed: int = 0,
+        tp: TPGroup | None = None,
     ) -> None:
         self.model_config = model_config
+        self.tp = tp or TPGroup.single()
+        self.rank_config = model_config.for_rank(self.tp)  # the head counts this rank's pool holds
         self.dtype = dtype
         self.device = device
         self.page_size = page_size
         torch.manual_seed(random_seed)
 
         self._check_weights_fit(max_context_len)
-        self.model = build_model(model_config, max_context_len, dtype=dtype, device=device)
+        self.model = build_model(model_config, max_context_len, dtype=dtype, device=device, tp=self.tp)
         if weights_dir is None:
             init_dummy_weights(self.model, random_seed)
         else:
@@ -66,7 +72,7 @@ class ModelRunner:
         self.kv_pool = KVPool(
             model_config.num_layers,
             self.num_pages * page_size,
-            model_config.num_kv_heads,
+            self.rank_config.num_kv_heads,
             model_config.head_dim,
             dtype=dtype,
             device=device,
@@ -77,7 +83,7 @@ class ModelRunner:
             attention_backend,
             kv_pool=self.kv_pool,
             page_table=self.page_table,
-            num_heads=model_config.num_heads,
+            num_heads=self.rank_config.num_heads,
             head_dim=model_config.head_dim,
             page_size=page_size,
             prefill_kernel=prefill_kernel,
@@ -109,7 +115,9 @@ class ModelRunner:
             return
         # Counting on the meta device allocates nothing, so a model too big fails here with a clear
         # sentence instead of an out-of-memory error halfway through loading.
-        meta = build_model(self.model_config, max_context_len, dtype=self.dtype, device=torch.device("meta"))
+        meta = build_model(
+            self.model_config, max_context_len, dtype=self.dtype, device=torch.device("meta"), tp=self.tp
+        )
         need = count_parameters(meta) * self.dtype.itemsize
         if need > free:
             raise MinisglError(
@@ -120,7 +128,7 @@ class ModelRunner:
     def _size_pool(
         self, tokens: int | None, gib: float | None, mem_fraction: float, max_running_requests: int
     ) -> int:
-        cfg = self.model_config
+        cfg = self.rank_config
         per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         num_tokens = kv_cache_tokens(
             device=self.device,

@@ -75,6 +75,9 @@ class FlashInferBackend(AttentionBackend):
         self._fi = fi
         self.page_size = page_size
         self.num_kv_heads = kv_pool.num_kv_heads
+        # What every plan() call repeats: the problem's shape (positional in both wrappers) and dtypes.
+        self._dims = (num_heads, self.num_kv_heads, head_dim, page_size)
+        self._types = {"sm_scale": self.scale, "q_data_type": kv_pool.dtype, "kv_data_type": kv_pool.dtype}
         self.device = kv_pool.device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.prefill_wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(
@@ -99,18 +102,7 @@ class FlashInferBackend(AttentionBackend):
             return
         qo_indptr = torch.tensor([0, *accumulate(batch.extend_lens_cpu)], dtype=torch.int32)
         self.prefill_wrapper.plan(
-            qo_indptr,
-            indptr,
-            indices,
-            last_len,
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            self.page_size,
-            causal=True,
-            sm_scale=self.scale,
-            q_data_type=self.kv_pool.dtype,
-            kv_data_type=self.kv_pool.dtype,
+            qo_indptr, indptr, indices, last_len, *self._dims, causal=True, **self._types
         )
         self._active = self.prefill_wrapper
 
@@ -166,18 +158,7 @@ class FlashInferBackend(AttentionBackend):
     def _plan_decode(
         self, wrapper: object, indptr: torch.Tensor, indices: torch.Tensor, last_len: torch.Tensor
     ) -> None:
-        wrapper.plan(  # type: ignore[attr-defined]
-            indptr,
-            indices,
-            last_len,
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            self.page_size,
-            sm_scale=self.scale,
-            q_data_type=self.kv_pool.dtype,
-            kv_data_type=self.kv_pool.dtype,
-        )
+        wrapper.plan(indptr, indices, last_len, *self._dims, **self._types)  # type: ignore[attr-defined]
 
     def _pages(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(indptr [B + 1] and last_page_len [B] on the host, page ids [total] on the device), int32.

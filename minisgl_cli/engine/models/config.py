@@ -6,10 +6,13 @@ transformers 5 writes one `rope_parameters` dict holding both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from minisgl_cli.errors import MinisglError
+
+if TYPE_CHECKING:  # torch.distributed is a heavy import, and only the annotation needs it
+    from minisgl_cli.engine.distributed import TPGroup
 
 # HF architecture name per `model_type`, for configs saved without an `architectures` list.
 _ARCH_BY_MODEL_TYPE = {
@@ -67,6 +70,33 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def for_rank(self, tp: TPGroup) -> ModelConfig:
+        """The model as one of `tp.size` tensor-parallel ranks holds it: its share of the query heads, KV
+        heads and MLP width (what its KV pool and attention are sized by). MinisglError if the model does
+        not split that way. The vocab always splits: it is padded up to a multiple of the ranks."""
+        n = tp.size
+        if self.num_heads % n:
+            raise MinisglError(
+                f"tensor parallelism over {n} ranks needs attention heads that divide by {n}, "
+                f"but the model has {self.num_heads}"
+            )
+        if self.num_kv_heads % n and n % self.num_kv_heads:
+            raise MinisglError(
+                f"tensor parallelism over {n} ranks needs a number of key/value heads that divides by or "
+                f"divides {n}, but the model has {self.num_kv_heads}"
+            )
+        if self.intermediate_size % n:
+            raise MinisglError(
+                f"tensor parallelism over {n} ranks needs an MLP width that divides by {n}, "
+                f"but the model's is {self.intermediate_size}"
+            )
+        return replace(
+            self,
+            num_heads=tp.shard(self.num_heads).size,
+            num_kv_heads=tp.shard(self.num_kv_heads).size,
+            intermediate_size=tp.shard(self.intermediate_size).size,
+        )
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:

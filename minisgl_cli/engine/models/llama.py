@@ -3,6 +3,10 @@
 These differ only in flags that ModelConfig derives from the HF config: Qwen2 adds a bias to the q/k/v
 projection (`qkv_bias`), Qwen3 normalises q and k per head before rope (`qk_norm`), Llama 3.1 scales
 rope frequencies (`rope_scaling`). So one implementation serves them all instead of three near-copies.
+
+Every module takes the whole model's config and the TP group, and holds its rank's share: whole query
+heads (KV heads split alike, or replicated when fewer than the ranks), a slice of the MLP width and of the
+vocab. Per-head norms (Qwen3's q_norm/k_norm) and the layer norms are replicated.
 """
 
 from __future__ import annotations
@@ -11,28 +15,31 @@ import torch
 from torch import nn
 
 from minisgl_cli.engine.attention.base import AttentionBackend
+from minisgl_cli.engine.distributed import TPGroup
 from minisgl_cli.engine.forward_batch import ForwardBatch
 from minisgl_cli.engine.layers.activation import silu_and_mul
 from minisgl_cli.engine.layers.embedding import Embedding, LMHead
-from minisgl_cli.engine.layers.linear import Linear, MergedLinear
+from minisgl_cli.engine.layers.linear import MergedLinear, RowParallelLinear
 from minisgl_cli.engine.layers.rmsnorm import RMSNorm
 from minisgl_cli.engine.layers.rope import RotaryEmbedding
 from minisgl_cli.engine.models.config import ModelConfig
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, tp: TPGroup) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.num_heads = tp.shard(config.num_heads).size
+        self.num_kv_heads = tp.shard(config.num_kv_heads).size
         self.head_dim = config.head_dim
         self.qkv_proj = MergedLinear(
             config.hidden_size,
-            {"q": config.q_size, "k": config.kv_size, "v": config.kv_size},
+            {"q": config.num_heads, "k": config.num_kv_heads, "v": config.num_kv_heads},
             bias=config.qkv_bias,
+            tp=tp,
+            unit=config.head_dim,
         )
-        self.o_proj = Linear(config.q_size, config.hidden_size)
+        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, tp=tp)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
@@ -51,21 +58,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TPGroup) -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size})
-        self.down_proj = Linear(size, config.hidden_size)
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, tp=tp)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, tp: TPGroup) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer_id)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer_id, tp)
+        self.mlp = MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -88,10 +95,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, max_context_len: int) -> None:
+    def __init__(self, config: ModelConfig, max_context_len: int, tp: TPGroup) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, max_context_len, config.rope_theta, config.rope_scaling
@@ -117,12 +124,12 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, config: ModelConfig, max_context_len: int) -> None:
+    def __init__(self, config: ModelConfig, max_context_len: int, tp: TPGroup) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_context_len)
+        self.model = LlamaModel(config, max_context_len, tp)
         tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tp, tied_to=tied_to)
 
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         """Float32 logits [B, vocab] of each sequence's last new token (the lm head runs on those rows only)."""

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from minisgl_cli.engine.distributed import TPGroup
 from minisgl_cli.engine.models.config import ModelConfig
 from minisgl_cli.engine.models.llama import LlamaForCausalLM
 from minisgl_cli.errors import MinisglError
@@ -21,14 +22,22 @@ MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
 
 
 def build_model(
-    config: ModelConfig, max_context_len: int, *, dtype: torch.dtype, device: torch.device
+    config: ModelConfig,
+    max_context_len: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    tp: TPGroup | None = None,
 ) -> LlamaForCausalLM:
-    """The model with uninitialised parameters of `dtype` on `device` (a "meta" device allocates nothing)."""
+    """The model (rank `tp.rank`'s share of it; the whole model by default) with uninitialised parameters
+    of `dtype` on `device` (a "meta" device allocates nothing)."""
     cls = MODEL_CLASSES.get(config.architecture)
     if cls is None:
         raise MinisglError(f"no model implementation for architecture {config.architecture!r}")
+    tp = tp or TPGroup.single()
+    config.for_rank(tp)  # a clear error for a model that does not split over tp.size ranks
     with torch.device(device), _default_dtype(dtype):
-        model = cls(config, max_context_len)
+        model = cls(config, max_context_len, tp)
     return model.eval()
 
 

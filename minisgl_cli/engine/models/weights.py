@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
-from minisgl_cli.engine.layers.linear import MergedLinear
+from minisgl_cli.engine.distributed import Shard, WeightSlice
 from minisgl_cli.engine.models.llama import LlamaForCausalLM
 from minisgl_cli.errors import MinisglError
 
@@ -30,43 +32,76 @@ def checkpoint_files(weights_dir: Path) -> list[Path]:
     return files
 
 
-def iter_checkpoint(weights_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+class _CheckpointTensor(Protocol):
+    """A tensor still in its safetensors file (safetensors' PySafeSlice): indexing reads just that part."""
+
+    def get_shape(self) -> list[int]: ...
+
+    def __getitem__(self, index: tuple[slice, ...]) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class _Sharded(Protocol):
+    """A layer whose parameters hold pieces of unsplit tensors (the tensor-parallel layers)."""
+
+    def weight_slices(self) -> dict[str, list[WeightSlice]]: ...
+
+
+def iter_checkpoint(weights_dir: Path) -> Iterator[tuple[str, _CheckpointTensor]]:
     for path in checkpoint_files(weights_dir):
         if not path.is_file():
             raise MinisglError(f"weight shard {path} named in the checkpoint index is missing")
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
+
+
+def _parameter_slices(model: nn.Module) -> dict[str, list[WeightSlice]]:
+    """Each parameter's name -> where its pieces come from. A parameter no layer splits is whole (the
+    norms); a tied lm_head is listed once, as the embedding it shares."""
+    params = dict(model.named_parameters())
+    slices: dict[str, list[WeightSlice]] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, _Sharded):
+            for kind, pieces in module.weight_slices().items():
+                if f"{prefix}.{kind}" in params:
+                    slices[f"{prefix}.{kind}"] = pieces
+    for name, param in params.items():
+        if name not in slices:
+            whole = Shard(0, param.shape[0], param.shape[0])
+            slices[name] = [WeightSlice(None, 0, param, whole)]
+    return slices
 
 
 @torch.no_grad()
 def load_weights(model: LlamaForCausalLM, weights_dir: Path) -> None:
     """Copy an HF checkpoint into `model`, fusing q/k/v and gate/up parts into their merged parameters.
 
-    Every parameter must be covered exactly once; a missing, unknown or misshapen tensor is an error
-    (it would otherwise surface as a silently wrong model).
+    Under tensor parallelism each rank reads only its slices from the files, never a whole tensor it
+    does not own. Every parameter must be covered exactly once; a missing, unknown or misshapen tensor
+    is an error (it would otherwise surface as a silently wrong model).
     """
-    params = dict(model.named_parameters())  # a tied lm_head shares, and is listed as, the embedding
-    loaded = dict.fromkeys(params, 0)
+    slices = _parameter_slices(model)
+    loaded = dict.fromkeys(slices, 0)
     tied = model.config.tie_word_embeddings
     for name, tensor in iter_checkpoint(weights_dir):
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         target, part = _our_name(model, name)
-        if target not in params:
+        piece = next((s for s in slices.get(target, []) if s.part == part), None)
+        if piece is None:
             raise MinisglError(f"unexpected tensor {name!r} in the checkpoint at {weights_dir}")
-        dest = params[target]
-        if part is not None:
-            module = model.get_submodule(target.rsplit(".", 1)[0])
-            assert isinstance(module, MergedLinear)
-            dest = module.shard(dest, part)
-        if dest.shape != tensor.shape:
+        expected = list(piece.dest.shape)
+        expected[piece.dim] = piece.source.full
+        if tensor.get_shape() != expected:
             raise MinisglError(
-                f"tensor {name!r} has shape {tuple(tensor.shape)}, the model config expects {tuple(dest.shape)}"
+                f"tensor {name!r} has shape {tuple(tensor.get_shape())}, the model config expects {tuple(expected)}"
             )
-        dest.copy_(tensor)
-        loaded[target] += tensor.numel()
-    missing = [n for n, p in params.items() if loaded[n] != p.numel()]
+        src = piece.source
+        index = (slice(None),) * piece.dim + (slice(src.start, src.start + src.size),)
+        piece.dest.copy_(tensor[index])
+        loaded[target] += piece.dest.numel()
+    missing = [n for n, pieces in slices.items() if loaded[n] != sum(p.dest.numel() for p in pieces)]
     if missing:
         raise MinisglError(
             f"the checkpoint at {weights_dir} lacks {len(missing)} weights, e.g. {missing[0]!r}"
@@ -84,14 +119,31 @@ def _our_name(model: LlamaForCausalLM, name: str) -> tuple[str, str | None]:
 
 @torch.no_grad()
 def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
-    """Random weights at the model's real shape, the same for the same seed and device.
+    """Random weights at the model's real shape, the same for the same seed and device, whatever the
+    number of tensor-parallel ranks (each holds its slices of the same unsplit values).
 
     Norm scales are 1 and the rest N(0, 0.02) (the usual init), which keeps activations and logits
     finite through deep models, so dummy runs exercise the same kernels with realistic magnitudes.
     """
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    slices = _parameter_slices(model)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
-        else:
+            continue
+        pieces = slices[name]
+        dim = pieces[0].dim
+        full = list(param.shape)
+        full[dim] = sum(p.source.full for p in pieces)
+        if full == list(param.shape):  # the whole tensor (one rank): fill it in place
             param.normal_(0.0, 0.02, generator=generator)
+            continue
+        # Draw the unsplit tensor (parts side by side, as one rank holds them) and keep this rank's
+        # slices, so that a rank's values do not depend on how many ranks there are.
+        whole = torch.empty(full, dtype=param.dtype, device=param.device).normal_(
+            0.0, 0.02, generator=generator
+        )
+        offset = 0
+        for piece in pieces:
+            piece.dest.copy_(whole.narrow(dim, offset + piece.source.start, piece.source.size))
+            offset += piece.source.full
