@@ -3,6 +3,7 @@ child pids in its log, stop it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -98,3 +100,25 @@ def pid_alive(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
     return state != "Z"
+
+
+@contextlib.contextmanager
+def running_server(*args: str) -> Iterator[ServerProcess]:
+    """A started, healthy server for the block (a module fixture's body); killed, children too, after it."""
+    srv = ServerProcess(*args)
+    try:
+        srv.wait_listening()
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.kill()
+
+
+def read_metrics(url: str) -> dict[str, float]:
+    """The server's /metrics as {series with labels: value}."""
+    values: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values

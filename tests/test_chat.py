@@ -22,7 +22,7 @@ import httpx
 import pexpect
 import pytest
 from rich.console import Console
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, running_server
 
 from minisgl_cli.chat import commands, transcript
 from minisgl_cli.chat.backend import Delta
@@ -640,13 +640,8 @@ def test_piped_stdin_answers_each_line_in_one_conversation(
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    srv = ServerProcess()
-    try:
-        srv.wait_listening()
-        srv.wait_healthy()
+    with running_server() as srv:
         yield srv
-    finally:
-        srv.kill()
 
 
 def test_url_mode_answers_like_the_in_process_engine(

@@ -19,7 +19,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-from server_helpers import ServerProcess, pid_alive
+from server_helpers import ServerProcess, pid_alive, read_metrics, running_server
 
 from minisgl_cli.engine.request import SamplingParams
 
@@ -30,13 +30,10 @@ COUNTING = "Count from one to ten: 1, 2, 3,"
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
     # --max-tokens: the default for requests that omit it (kept small: the fuzzer sends many such requests)
-    srv = ServerProcess("--max-running-requests", "64", "--kv-cache-tokens", "32768", "--max-tokens", "16")
-    try:
-        srv.wait_listening()
-        srv.wait_healthy()
+    with running_server(
+        "--max-running-requests", "64", "--kv-cache-tokens", "32768", "--max-tokens", "16"
+    ) as srv:
         yield srv
-    finally:
-        srv.kill()
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +52,6 @@ def reference(smollm2_dir: Path) -> Any:
     from minisgl_cli.engine.llm import LLM
 
     return LLM(str(smollm2_dir))
-
-
-def _metrics(url: str) -> dict[str, float]:
-    values: dict[str, float] = {}
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
 
 
 # ---- OpenAI semantics
@@ -294,7 +282,7 @@ async def _stream_and_drop(url: str, model: str, chunks_before_drop: int) -> Non
 def _wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
-        values = _metrics(url)
+        values = read_metrics(url)
         if (
             values.get("minisgl_num_requests_running") == 0
             and values.get("minisgl_kv_cache_usage_ratio") == 0
@@ -350,7 +338,7 @@ def test_64_concurrent_streams_three_rounds(server: ServerProcess, model_name: s
             done += await asyncio.gather(*(_client_round(server.url, model_name, rng) for _ in range(64)))
         return done
 
-    before = _metrics(server.url)
+    before = read_metrics(server.url)
     done = asyncio.run(run())
     assert len(done) == 192
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
@@ -525,7 +513,7 @@ def test_bench_serve_against_the_live_server(server: ServerProcess, tmp_path: Pa
 
     from minisgl_cli.bench.workload import random_workload
 
-    before = _metrics(server.url)
+    before = read_metrics(server.url)
     out = tmp_path / "serve.json"
     args = ["--num-prompts", "6", "--max-concurrency", "3", "--input-len", "16,32", "--output-len", "4,8"]
     run = subprocess.run(

@@ -15,6 +15,7 @@ from minisgl_cli.config import EngineConfig
 from minisgl_cli.errors import MinisglError
 
 if TYPE_CHECKING:
+    from minisgl_cli.engine.distributed import TPGroup
     from minisgl_cli.engine.model_runner import ModelRunner
     from minisgl_cli.engine.models.config import ModelConfig
     from minisgl_cli.engine.scheduler import Scheduler
@@ -37,8 +38,11 @@ class Engine:
         return self.runner.allocator.num_usable * self.runner.allocator.page_size
 
 
-def build_engine(cfg: EngineConfig, source: ModelSource | None = None) -> Engine:
-    """Load the model (or `source`, already resolved) and size the KV pool; MinisglError if it cannot."""
+def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGroup | None = None) -> Engine:
+    """Load the model (or `source`, already resolved) and size the KV pool; MinisglError if it cannot.
+
+    With `tp` (a group of tensor-parallel ranks, every one of which calls this) this rank's share of the
+    model; the ranks agree on one KV pool size, so their schedulers make the same decisions."""
     # Heavy imports here, so importing this module stays cheap.
     from minisgl_cli.engine.device import resolve_device, resolve_dtype
     from minisgl_cli.engine.kv.naive_cache import NaiveCache
@@ -72,7 +76,10 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None) -> Engine
         decode_kernel=cfg.decode_kernel,
         cuda_graph_max_bs=cfg.cuda_graph_max_bs,
         random_seed=cfg.random_seed,
+        tp=tp,
     )
+    if tp is not None and tp.size > 1:
+        _agree_on_pool_size(runner, tp)
     # "radix" (the default) reuses the K/V of shared prompt prefixes; "naive" recomputes every prompt.
     cache: PrefixCache = RadixCache(cfg.page_size) if cfg.cache_type == "radix" else NaiveCache(cfg.page_size)
     eos = list(dict.fromkeys(model_config.eos_token_ids + generation_eos(source.path)))
@@ -86,6 +93,22 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None) -> Engine
         overlap=not cfg.disable_overlap and device.type == "cuda",
     )
     return Engine(source, model_config, runner, scheduler)
+
+
+def _agree_on_pool_size(runner: ModelRunner, tp: TPGroup) -> None:
+    """Hand out only as many KV pages as the smallest rank's pool holds. Each rank sizes its pool from its
+    own free memory, which can differ a little between GPUs; schedulers that saw different page counts
+    would batch, preempt and admit differently, and their ranks' collectives would no longer match."""
+    import torch
+    import torch.distributed as dist
+
+    from minisgl_cli.engine.kv.allocator import PageAllocator
+
+    pages = torch.tensor([runner.num_pages], device=runner.device)
+    dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=tp.group)
+    least = int(pages.item())
+    if least < runner.num_pages:  # this pool's last pages stay unused
+        runner.allocator = PageAllocator(least, runner.page_size)
 
 
 def load_tokenizer(path: Path | None) -> Any | None:

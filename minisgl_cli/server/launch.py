@@ -2,11 +2,13 @@
 and stop everything on the way out.
 
     this process: API (FastAPI on uvicorn, asyncio) + a watchdog thread over the children
-    scheduler process: model, KV cache, scheduling (scheduler_worker.py)
+    scheduler process: model, KV cache, scheduling (scheduler_worker.py); with --tp N, N of them: the
+        tensor-parallel ranks, of which rank 0 talks to the rest of the server and the others to rank 0 only
     tokenizer worker x --num-tokenizers: prompts -> ids, tokens -> text (tokenizer_worker.py)
 
-They talk over ZMQ ipc:// sockets in a private temporary directory. The HTTP port is bound first (a port in
-use fails at once, before the model loads) but only listens once every process has said it is ready.
+They talk over ZMQ ipc:// sockets in a private temporary directory, where the ranks also meet to form their
+torch.distributed group (gloo on the CPU, NCCL on GPUs, rank r on cuda:r). The HTTP port is bound first (a
+port in use fails at once, before the model loads) but only listens once every process has said it is ready.
 SIGINT/SIGTERM stop the listener, let in-flight requests finish (uvicorn's graceful shutdown), then stop the
 children. A child that dies turns /health to 503, fails what was in flight, and the server exits with
 status 1 shortly after, rather than hanging on a dead engine.
@@ -30,7 +32,7 @@ from types import FrameType
 
 import zmq
 
-from minisgl_cli.config import Config
+from minisgl_cli.config import Config, EngineConfig
 from minisgl_cli.errors import MinisglError, UsageError
 from minisgl_cli.model_source import ModelSource, resolve_model
 from minisgl_cli.server.engine_client import EngineClient, IpcAddresses
@@ -64,16 +66,17 @@ def serve(config: Config, log_level: str) -> int:
                 server_cfg.host,
             )
         source = resolve_model(engine_cfg.model, engine_cfg.dummy_weights)  # converts a GGUF once, here
+        _check_tp(engine_cfg, source)
         vocab_size = int(source.hf_config["vocab_size"])
         with tempfile.TemporaryDirectory(prefix="minisgl-") as ipc_dir:
             addresses = IpcAddresses.in_dir(ipc_dir, server_cfg.num_tokenizers)
             ctx = zmq.Context()
             ready = ctx.socket(zmq.PULL)
             ready.bind(addresses.ready)
-            children = _spawn(config, source, vocab_size, addresses, log_level)
+            children = _spawn(config, source, vocab_size, addresses, log_level, ipc_dir)
             try:
                 with _sigterm_interrupts():
-                    info = _wait_ready(ready, children)
+                    info = _wait_ready(ready, children, engine_role=children[0].role)
                 ctx.destroy(linger=0)
                 return _serve_http(listener, addresses, info, children, config)
             finally:
@@ -95,25 +98,58 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_tp(cfg: EngineConfig, source: ModelSource) -> None:
+    """Refuse a tensor-parallel size that cannot work before any process starts: more ranks than GPUs, one
+    GPU named for several ranks, or a model whose heads or MLP do not split over the ranks."""
+    if cfg.tp == 1:
+        return
+    import torch
+
+    from minisgl_cli.engine.device import resolve_device
+    from minisgl_cli.engine.distributed import TPGroup
+    from minisgl_cli.engine.models.config import ModelConfig
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        if device.index is not None:
+            raise UsageError(
+                f"--device {cfg.device} names one GPU, but --tp {cfg.tp} runs rank r on cuda:r: "
+                "use --device cuda (or auto) and CUDA_VISIBLE_DEVICES to choose the GPUs"
+            )
+        count = torch.cuda.device_count()
+        if cfg.tp > count:
+            raise UsageError(f"--tp {cfg.tp} needs {cfg.tp} GPUs, one per rank, but {count} are visible")
+    ModelConfig.from_hf(source.hf_config).for_rank(TPGroup(rank=0, size=cfg.tp))
+
+
 def _spawn(
-    config: Config, source: ModelSource, vocab_size: int, addresses: IpcAddresses, log_level: str
+    config: Config,
+    source: ModelSource,
+    vocab_size: int,
+    addresses: IpcAddresses,
+    log_level: str,
+    ipc_dir: str,
 ) -> list[_Child]:
     # Heavy modules (torch) load only in the children that need them.
-    from minisgl_cli.server.scheduler_worker import scheduler_main
+    from minisgl_cli.server.scheduler_worker import Rank, scheduler_main
     from minisgl_cli.server.tokenizer_worker import tokenizer_main
 
     # spawn, not fork: this process may have imported torch or started threads, which fork cannot copy safely.
     mp = multiprocessing.get_context("spawn")
-    children = [
-        _Child(
-            "scheduler",
-            mp.Process(
-                target=scheduler_main,
-                args=(config.engine, source, addresses, config.server.max_queue, log_level),
-                name="minisgl-scheduler",
-            ),
+    tp = config.engine.tp
+    children = []
+    for r in range(tp):  # rank 0 first: its Ready describes the engine
+        rank = Rank("scheduler" if tp == 1 else f"scheduler-{r}", r, tp, f"file://{ipc_dir}/tp-init")
+        children.append(
+            _Child(
+                rank.role,
+                mp.Process(
+                    target=scheduler_main,
+                    args=(config.engine, source, addresses, config.server.max_queue, log_level, rank),
+                    name=f"minisgl-{rank.role}",
+                ),
+            )
         )
-    ]
     for i in range(config.server.num_tokenizers):
         children.append(
             _Child(
@@ -130,8 +166,9 @@ def _spawn(
     return children
 
 
-def _wait_ready(ready: zmq.Socket, children: list[_Child]) -> Ready:
-    """Block until every child reported Ready; the scheduler's Ready. MinisglError if one fails or dies."""
+def _wait_ready(ready: zmq.Socket, children: list[_Child], engine_role: str) -> Ready:
+    """Block until every child reported Ready; the Ready of `engine_role` (the scheduler, or its rank 0).
+    MinisglError if one fails or dies."""
     pending = {child.role for child in children}
     info: Ready | None = None
     while pending:
@@ -140,13 +177,13 @@ def _wait_ready(ready: zmq.Socket, children: list[_Child]) -> Ready:
             if isinstance(message, Failed):
                 raise MinisglError(message.message)
             pending.discard(message.role)
-            if message.role == "scheduler":
+            if message.role == engine_role:
                 info = message
             continue
         for child in children:
             if child.role in pending and not child.process.is_alive():
                 raise MinisglError(
-                    f"the {child.role} process exited with status {child.process.exitcode} while starting"
+                    f"the {child.role} process exited while starting ({_exit_status(child.process)})"
                 )
     assert info is not None
     return info
@@ -155,11 +192,12 @@ def _wait_ready(ready: zmq.Socket, children: list[_Child]) -> Ready:
 def _log_startup(info: Ready, children: list[_Child], listener: socket.socket, config: Config) -> None:
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    tp = config.engine.tp
     log.info(
         "model %s: %s on %s, KV cache %s tokens, context length %s",
         config.server.served_model_name or info.model_name,
         info.dtype,
-        info.device,
+        info.device if tp == 1 else f"{tp} {info.device.split(':')[0]} ranks (tensor parallel)",
         f"{info.kv_tokens:,}",
         f"{info.context_length:,}",
     )
@@ -225,14 +263,29 @@ def _watch(
         ended = wait_for_sentinels(list(sentinels), timeout=0.5)
         if not ended or stop.is_set():
             continue
-        child = sentinels[ended[0]]  # type: ignore[index]
-        reason = f"the {child.role} process died (exit status {child.process.exitcode}); the server stopped"
+        # Name every child found dead: when one tensor-parallel rank dies its peers soon fail too, and the
+        # first of them to be noticed need not be the cause.
+        dead = [sentinels[sentinel] for sentinel in ended]  # type: ignore[index]
+        for child in dead:
+            child.process.join(1.0)  # a sentinel fires before the child is reaped: then its status is known
+        deaths = ", ".join(f"the {c.role} process died ({_exit_status(c.process)})" for c in dead)
+        reason = f"{deaths}; the server stopped"
         log.error("%s", reason)
         death.append(reason)
         engine.mark_dead(reason)
         time.sleep(DEATH_GRACE_S)
         server.should_exit = True  # type: ignore[attr-defined]
         return
+
+
+def _exit_status(process: BaseProcess) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def _stop(children: list[_Child]) -> None:
