@@ -12,6 +12,7 @@ logits depend strongly on every weight and a wiring mistake cannot hide behind a
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from transformers import (
 
 from minisgl_cli.engine.forward_batch import ForwardBatch
 from minisgl_cli.engine.model_runner import ModelRunner
+from minisgl_cli.engine.models.config import ModelConfig
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
@@ -207,3 +209,22 @@ class Driver:
             extend_lens_cpu=extend_lens,
         )
         return self.runner.forward(batch).cpu()
+
+
+def small_runner(path: Path | None, config: ModelConfig | None = None, **overrides: Any) -> ModelRunner:
+    """A ModelRunner for tests: the model at `path` (or `config` with dummy weights when `path` is None) with
+    small defaults (CPU, float32, page size 4, 4 rows, 128-token context, 512 KV tokens); overrides win."""
+    if config is None:
+        assert path is not None
+        config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    args: dict[str, Any] = {
+        "dtype": torch.float32,
+        "device": torch.device("cpu"),
+        "page_size": 4,
+        "max_running_requests": 4,
+        "max_context_len": 128,
+        "kv_cache_tokens": 512,
+        "kv_cache_gb": None,
+        "mem_fraction": 0.9,
+    }
+    return ModelRunner(config, path, **{**args, **overrides})

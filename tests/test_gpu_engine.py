@@ -5,16 +5,14 @@ overlap scheduling against none, the radix cache against none, and the memory er
 from __future__ import annotations
 
 import gc
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import Driver, make_tiny_model
+from model_helpers import Driver, make_tiny_model, small_runner
 
 from minisgl_cli.engine.llm import LLM
 from minisgl_cli.engine.model_runner import ModelRunner
-from minisgl_cli.engine.models.config import ModelConfig
 from minisgl_cli.engine.request import SamplingParams
 from minisgl_cli.errors import MinisglError
 
@@ -82,9 +80,7 @@ GREEDY_32 = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 
 
 def _runner(path: Path, backend: str, dtype: torch.dtype = torch.bfloat16) -> ModelRunner:
-    config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
-    return ModelRunner(
-        config,
+    return small_runner(
         path,
         dtype=dtype,
         device=torch.device("cuda"),
@@ -92,7 +88,6 @@ def _runner(path: Path, backend: str, dtype: torch.dtype = torch.bfloat16) -> Mo
         max_running_requests=8,
         max_context_len=1024,
         kv_cache_tokens=16384,
-        kv_cache_gb=None,
         mem_fraction=0.85,
         attention_backend=backend,
     )

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import Driver, load_smollm2_gguf, make_tiny_model, save_hf_dir
+from model_helpers import Driver, load_smollm2_gguf, make_tiny_model, save_hf_dir, small_runner
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from minisgl_cli.engine.kv.pool import KVPool
-from minisgl_cli.engine.model_runner import ModelRunner
 from minisgl_cli.engine.models.config import ModelConfig
 from minisgl_cli.engine.models.registry import build_model, count_parameters
 from minisgl_cli.engine.models.shapes import BUILTIN_SHAPES
@@ -28,23 +27,6 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,  # small, so the tiny head_dim sees all three regimes
 }
-
-
-def _runner(path: Path | None, config: ModelConfig | None = None, **kw: object) -> ModelRunner:
-    if config is None:
-        assert path is not None
-        config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
-    args: dict = {
-        "dtype": torch.float32,
-        "device": CPU,
-        "page_size": 4,
-        "max_running_requests": 4,
-        "max_context_len": 128,
-        "kv_cache_tokens": 512,
-        "kv_cache_gb": None,
-        "mem_fraction": 0.9,
-    }
-    return ModelRunner(config, path, **{**args, **kw})
 
 
 def _ref_logits(ref: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
@@ -80,7 +62,7 @@ def tiny(
 
 def test_prefill_batch_then_greedy_decode_matches_transformers(tiny: tuple[Path, torch.nn.Module]) -> None:
     path, ref = tiny
-    driver = Driver(_runner(path))
+    driver = Driver(small_runner(path))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 17, 9)]
     logits = driver.step(list(enumerate(prompts)))
@@ -97,7 +79,7 @@ def test_prefill_batch_then_greedy_decode_matches_transformers(tiny: tuple[Path,
 
 def test_chunked_prefill_mixed_with_decode_matches_transformers(tiny: tuple[Path, torch.nn.Module]) -> None:
     path, ref = tiny
-    driver = Driver(_runner(path, page_size=1))
+    driver = Driver(small_runner(path, page_size=1))
     g = torch.Generator().manual_seed(1)
     a = torch.randint(3, 300, (14,), generator=g).tolist()  # prefilled in 2 chunks
     b = torch.randint(3, 300, (6,), generator=g).tolist()  # decodes meanwhile
@@ -118,7 +100,7 @@ def test_chunked_prefill_mixed_with_decode_matches_transformers(tiny: tuple[Path
 def test_bfloat16_is_close_to_float32_reference(tmp_path: Path) -> None:
     path = make_tiny_model(tmp_path, "qwen3", with_tokenizer=False)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    driver = Driver(_runner(path, dtype=torch.bfloat16))
+    driver = Driver(small_runner(path, dtype=torch.bfloat16))
     tokens = list(range(10, 30))
     logits = driver.step([(0, tokens)])
     _assert_close(logits[0], _ref_logits(ref, tokens), tol=5e-2)
@@ -130,13 +112,13 @@ def test_checkpoint_that_does_not_match_config_is_rejected(tmp_path: Path) -> No
     path = make_tiny_model(tmp_path, "llama", with_tokenizer=False)
     config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
     with pytest.raises(MinisglError, match="has shape"):
-        _runner(path, ModelConfig.from_hf({**_hf_dict(path), "intermediate_size": 80}))
+        small_runner(path, ModelConfig.from_hf({**_hf_dict(path), "intermediate_size": 80}))
     with pytest.raises(MinisglError, match="unexpected tensor"):
-        _runner(path, ModelConfig.from_hf({**_hf_dict(path), "num_hidden_layers": 1}))
+        small_runner(path, ModelConfig.from_hf({**_hf_dict(path), "num_hidden_layers": 1}))
     with pytest.raises(MinisglError, match="lacks"):
-        _runner(path, ModelConfig.from_hf({**_hf_dict(path), "num_hidden_layers": 3}))
+        small_runner(path, ModelConfig.from_hf({**_hf_dict(path), "num_hidden_layers": 3}))
     with pytest.raises(MinisglError, match="no \\*.safetensors"):
-        _runner(tmp_path, config)
+        small_runner(tmp_path, config)
 
 
 def _hf_dict(path: Path) -> dict:
@@ -196,7 +178,7 @@ def test_dummy_weights_are_finite_and_seeded() -> None:
     prompt = list(range(100, 140))
 
     def logits(seed: int) -> torch.Tensor:
-        return Driver(_runner(None, config, random_seed=seed)).step([(0, prompt), (1, prompt[:7])])
+        return Driver(small_runner(None, config, random_seed=seed)).step([(0, prompt), (1, prompt[:7])])
 
     first = logits(0)
     assert first.shape == (2, 49152) and torch.isfinite(first).all()
@@ -219,7 +201,7 @@ def test_smollm2_real_weights_match_transformers(
     config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
     # Our built-in shape is the real model's (the GGUF stores eps as float32: 1e-5 + 2.5e-13).
     assert ModelConfig.from_hf(BUILTIN_SHAPES["smollm2-135m"]) == replace(config, rms_norm_eps=1e-5)
-    driver = Driver(_runner(path, page_size=16, kv_cache_tokens=1024))
+    driver = Driver(small_runner(path, page_size=16, kv_cache_tokens=1024))
     chat = [{"role": "user", "content": "Write a haiku about the sea."}]
     prompts = [
         tokenizer.encode("The capital of France is"),
@@ -248,7 +230,7 @@ def test_cuda_matches_transformers(tmp_path: Path, case: str, dtype: torch.dtype
     path = make_tiny_model(tmp_path, arch, with_tokenizer=False, head_dim=64, **overrides)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     backend = "flashinfer" if dtype == torch.bfloat16 else "torch"
-    driver = Driver(_runner(path, device=torch.device("cuda"), dtype=dtype, attention_backend=backend))
+    driver = Driver(small_runner(path, device=torch.device("cuda"), dtype=dtype, attention_backend=backend))
     a, b = list(range(10, 40)), list(range(50, 57))
     logits = driver.step([(0, a[:20]), (1, b)])
     _assert_close(logits[0], _ref_logits(ref, a[:20]), tol)
@@ -271,7 +253,7 @@ def test_cuda_dummy_llama_8b_sizes_pool_from_free_memory() -> None:
     gc.collect()  # earlier tests' runners must not hold GPU memory
     torch.cuda.empty_cache()
     free_before, total = torch.cuda.mem_get_info()
-    runner = _runner(
+    runner = small_runner(
         None,
         config,
         device=torch.device("cuda"),

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from model_helpers import Driver, make_tiny_model
+from model_helpers import Driver, make_tiny_model, small_runner
 
 from minisgl_cli.engine.distributed import TPGroup, init_tp
 from minisgl_cli.engine.model_runner import ModelRunner
@@ -68,19 +68,7 @@ class Result:
 def _run(case: Case, tp: TPGroup) -> Result:
     """Prefill one prompt, then a mixed step (its first decode beside the second prompt's prefill), then
     greedy decode of both. Rank 0 picks the tokens and sends them to the others, as the engine will."""
-    runner = ModelRunner(
-        case.config,
-        case.weights_dir,
-        dtype=torch.float32,
-        device=CPU,
-        page_size=4,
-        max_running_requests=4,
-        max_context_len=64,
-        kv_cache_tokens=256,
-        kv_cache_gb=None,
-        mem_fraction=0.9,
-        tp=tp,
-    )
+    runner = small_runner(case.weights_dir, case.config, max_context_len=64, kv_cache_tokens=256, tp=tp)
     driver = Driver(runner)
     steps, tokens = [], []
 
@@ -179,18 +167,14 @@ def test_each_rank_holds_the_kv_head_its_query_heads_use(heads: int, kv_heads: i
 
 def _runner_over(size: int, **hf: Any) -> ModelRunner:
     config = ModelConfig.from_hf({**DUMMY_HF_CONFIG, **hf})
-    return ModelRunner(
-        config,
+    # Refused before any collective, so no process group is needed.
+    return small_runner(
         None,
-        dtype=torch.float32,
-        device=CPU,
-        page_size=4,
+        config,
         max_running_requests=2,
         max_context_len=64,
         kv_cache_tokens=64,
-        kv_cache_gb=None,
-        mem_fraction=0.9,
-        tp=TPGroup(rank=0, size=size),  # refused before any collective, so no process group is needed
+        tp=TPGroup(rank=0, size=size),
     )
 
 
