@@ -78,8 +78,6 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGro
         random_seed=cfg.random_seed,
         tp=tp,
     )
-    if tp is not None and tp.size > 1:
-        _agree_on_pool_size(runner, tp)
     # "radix" (the default) reuses the K/V of shared prompt prefixes; "naive" recomputes every prompt.
     cache: PrefixCache = RadixCache(cfg.page_size) if cfg.cache_type == "radix" else NaiveCache(cfg.page_size)
     eos = list(dict.fromkeys(model_config.eos_token_ids + generation_eos(source.path)))
@@ -93,22 +91,6 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGro
         overlap=not cfg.disable_overlap and device.type == "cuda",
     )
     return Engine(source, model_config, runner, scheduler)
-
-
-def _agree_on_pool_size(runner: ModelRunner, tp: TPGroup) -> None:
-    """Hand out only as many KV pages as the smallest rank's pool holds. Each rank sizes its pool from its
-    own free memory, which can differ a little between GPUs; schedulers that saw different page counts
-    would batch, preempt and admit differently, and their ranks' collectives would no longer match."""
-    import torch
-    import torch.distributed as dist
-
-    from minisgl_cli.engine.kv.allocator import PageAllocator
-
-    pages = torch.tensor([runner.num_pages], device=runner.device)
-    dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=tp.group)
-    least = int(pages.item())
-    if least < runner.num_pages:  # this pool's last pages stay unused
-        runner.allocator = PageAllocator(least, runner.page_size)
 
 
 def load_tokenizer(path: Path | None) -> Any | None:

@@ -65,6 +65,14 @@ class TPGroup:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def min_over_ranks(self, value: int, device: torch.device) -> int:
+        """The smallest of the ranks' `value`s (every rank must call it; `device` suits the backend)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """The ranks' `x` side by side along the last dimension, in rank order (vocab-parallel logits)."""
         if self.size == 1:

@@ -68,7 +68,12 @@ class ModelRunner:
         else:
             load_weights(self.model, weights_dir)
 
-        self.num_pages = self._size_pool(kv_cache_tokens, kv_cache_gb, mem_fraction, max_running_requests)
+        # Every rank takes the smallest rank's pool: ranks size from their own free memory, and schedulers
+        # that saw different page counts would admit and preempt differently, so their collectives would
+        # stop matching.
+        self.num_pages = self.tp.min_over_ranks(
+            self._size_pool(kv_cache_tokens, kv_cache_gb, mem_fraction, max_running_requests), device
+        )
         self.kv_pool = KVPool(
             model_config.num_layers,
             self.num_pages * page_size,
