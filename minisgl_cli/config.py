@@ -164,6 +164,14 @@ class ServerConfig(_Section):
     max_queue: int = setting(1024, "Most waiting requests before new ones get HTTP 503.", min=1)
     num_tokenizers: int = setting(1, "Tokenizer worker processes.", min=1)
     served_model_name: str | None = setting(None, "Model name reported by the API (default: the model path).")
+    nnodes: int = setting(1, "Machines the --tp ranks are spread over (each runs tp/nnodes of them).", min=1)
+    node_rank: int = setting(0, "This machine's place among the --nnodes (0 serves HTTP).", min=0)
+    dist_init_addr: str | None = setting(
+        None,
+        "HOST:PORT where the nodes meet (node 0's address and a free port); needed with --nnodes > 1.",
+        check=_matches(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}"),
+        expected='"HOST:PORT" (an IPv6 host in brackets: "[::1]:5000")',
+    )
 
 
 @dataclass

@@ -4,6 +4,8 @@
 #   scripts/bench_gpu.sh main        latency (llama-3.1-8b), offline qwen3-8b, ablations on qwen3-0.6b (~5 min)
 #   scripts/bench_gpu.sh hf          offline qwen3-0.6b against transformers, same run (~6 min)
 #   scripts/bench_gpu.sh decode      the decode-kernel ablation alone (tensor cores against CUDA cores)
+#   scripts/bench_gpu.sh tp          two GPUs: offline qwen3-8b at --tp 1 and 2, latency llama-3.1-8b at both
+#   scripts/bench_gpu.sh tp4         four GPUs: llama-3.1-70b at --tp 4, latency b1/b32 and offline
 #
 # Run from the project root after `source .gpu/activate.sh` (see ../shared/gpu/README.md); JSON reports go
 # to $OUT (default ./bench-out).
@@ -44,8 +46,20 @@ case "${1:-main}" in
         --decode-kernel $k --json "$out/latency_llama-3.1-8b_$k.json" 2>&1 | tail -6
     done
     ;;
+  tp)
+    for tp in 1 2; do
+      mini bench offline --dummy-weights -m qwen3-8b --tp $tp --json "$out/offline_qwen3-8b_tp$tp.json" 2>&1 | tail -4
+      mini bench latency --dummy-weights -m llama-3.1-8b --tp $tp --batch-sizes 1,32 --input-len 128 \
+        --output-len 256 --json "$out/latency_llama-3.1-8b_tp$tp.json" 2>&1 | tail -7
+    done
+    ;;
+  tp4)
+    mini bench latency --dummy-weights -m llama-3.1-70b --tp 4 --batch-sizes 1,32 --input-len 128 \
+      --output-len 256 --json "$out/latency_llama-3.1-70b_tp4.json" 2>&1 | tail -7
+    mini bench offline --dummy-weights -m llama-3.1-70b --tp 4 --json "$out/offline_llama-3.1-70b_tp4.json" 2>&1 | tail -4
+    ;;
   hf)
     mini bench offline --dummy-weights -m qwen3-0.6b --baseline hf --json "$out/offline_qwen3-0.6b_hf.json" 2>&1 | tail -8
     ;;
-  *) echo "usage: scripts/bench_gpu.sh main|hf|decode"; exit 2 ;;
+  *) echo "usage: scripts/bench_gpu.sh main|hf|decode|tp|tp4"; exit 2 ;;
 esac

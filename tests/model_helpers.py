@@ -36,6 +36,17 @@ from minisgl_cli.engine.model_runner import ModelRunner
 from minisgl_cli.engine.models.config import ModelConfig
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+# The GPU tests' tiny shape, for a head_dim of 64 or 128 (the sizes FlashInfer's prebuilt Hopper kernels
+# cover; others compile for minutes).
+GPU_SHAPE: dict[str, Any] = {
+    "vocab_size": 384,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+}
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 BOS_ID, EOS_ID = 0, 2  # eos is <|im_end|>, as in ChatML models
 CHATML_TEMPLATE = (

@@ -35,7 +35,8 @@ SPEC_DEFAULTS = {
         prefill_kernel="auto", decode_kernel="auto", cuda_graph_max_bs=256, disable_overlap=False, tp=1,
     ),
     "server": dict(
-        host="127.0.0.1", port=1919, api_key=None, max_queue=1024, num_tokenizers=1, served_model_name=None
+        host="127.0.0.1", port=1919, api_key=None, max_queue=1024, num_tokenizers=1, served_model_name=None,
+        nnodes=1, node_rank=0, dist_init_addr=None,
     ),
     "sampling": dict(
         temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0, max_tokens=256, repetition_penalty=1.0,
@@ -359,3 +360,15 @@ def test_derived_names() -> None:
         "--max-running-requests",
     )
     assert [s.name for s in section_settings("server")] == list(SPEC_DEFAULTS["server"])
+
+
+@pytest.mark.parametrize("addr", ["10.0.0.1:29500", "node0.cluster:5000", "[::1]:29500", "[fe80::1]:1"])
+def test_dist_init_addr_takes_host_and_port(addr: str) -> None:
+    assert load_config(environ={"MINISGL_DIST_INIT_ADDR": addr}).config.server.dist_init_addr == addr
+
+
+@pytest.mark.parametrize("addr", ["node0", "::1:29500", "host:port", "10.0.0.1:", ":5000", "a b:1"])
+def test_dist_init_addr_without_host_and_port_is_refused(addr: str) -> None:
+    with pytest.raises(UsageError) as info:
+        load_config(environ={"MINISGL_DIST_INIT_ADDR": addr})
+    assert str(info.value).endswith('expected "HOST:PORT" (an IPv6 host in brackets: "[::1]:5000")')

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import GPU_SHAPE as SHAPE
 from model_helpers import Driver, make_tiny_model, small_runner
 
 from minisgl_cli.engine.llm import LLM
@@ -21,16 +22,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-# head_dim 64 and 128: the sizes FlashInfer's prebuilt Hopper kernels cover (others compile for minutes).
-SHAPE = {
-    "vocab_size": 384,
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-}
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,

@@ -190,3 +190,22 @@ def _runner_over(size: int, **hf: Any) -> ModelRunner:
 def test_a_model_that_does_not_split_is_refused(size: int, hf: dict[str, Any], message: str) -> None:
     with pytest.raises(MinisglError, match=message):
         _runner_over(size, **hf)
+
+
+def test_llama_3_1_70b_splits_over_four_ranks() -> None:
+    """The quick-start's --tp 4 example, at its real shape on the meta device: each rank holds a quarter of
+    every matrix (16 query and 2 KV heads) and a copy of the norms, and nothing else."""
+    from minisgl_cli.engine.models.registry import build_model, count_parameters
+    from minisgl_cli.engine.models.shapes import BUILTIN_SHAPES
+
+    config = ModelConfig.from_hf(BUILTIN_SHAPES["llama-3.1-70b"])
+    meta = torch.device("meta")
+    full = count_parameters(build_model(config, 16, dtype=torch.bfloat16, device=meta))
+    assert full == 70_553_706_496  # the published 70.6B
+    norms = (2 * config.num_layers + 1) * config.hidden_size
+    for rank in range(4):
+        tp = TPGroup(rank=rank, size=4)
+        part = count_parameters(build_model(config, 16, dtype=torch.bfloat16, device=meta, tp=tp))
+        assert part == (full - norms) // 4 + norms
+        shares = config.for_rank(tp)
+        assert (shares.num_heads, shares.num_kv_heads) == (16, 2)

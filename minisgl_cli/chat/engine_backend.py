@@ -48,7 +48,7 @@ class EngineBackend:
             steps.close()
 
     def close(self) -> None:
-        pass  # the engine lives as long as the process
+        self._llm.close()  # stops tensor-parallel ranks, if any; the weights go with this backend
 
 
 @contextmanager

@@ -157,8 +157,7 @@ def offline(
     engine = cfg.config.engine
     setup = _setup(engine)
     workload = _offline_workload(cfg, setup)
-    llm = LLM.from_config(engine)
-    with _progress("minisgl", len(workload.requests)) as advance:
+    with LLM.from_config(engine) as llm, _progress("minisgl", len(workload.requests)) as advance:
         results = [run_offline(llm, workload, advance, temperature=temperature)]
     del llm  # its weights and KV pool go before the baseline loads
     if baseline == "hf":
@@ -228,8 +227,7 @@ def latency(
     engine = cfg.config.engine
     setup = _setup(engine)
     seed = engine.random_seed
-    llm = LLM.from_config(engine)
-    with _progress("minisgl", len(sizes)) as advance:
+    with LLM.from_config(engine) as llm, _progress("minisgl", len(sizes)) as advance:
         results = run_latency(llm, sizes, input_len, output_len, seed, advance)
     del llm  # its weights and KV pool go before the baseline loads
     if baseline == "hf":
@@ -238,9 +236,11 @@ def latency(
         model = _load_hf(engine, setup)
         with _progress("transformers", len(sizes)) as advance:
             results += run_hf_latency(model, sizes, input_len, output_len, seed, advance)
-    # The roofline share, on GPUs: the bytes a decode step must read over the bandwidth measured now.
+    # The roofline share, on GPUs: the bytes a decode step must read over the bandwidth measured now (on
+    # one GPU; with --tp N, N GPUs read their shares at once).
     bandwidth = streaming_bandwidth(setup.device)
     if bandwidth is not None:
+        bandwidth *= engine.tp
         traffic = DecodeTraffic.of_model(setup.model_config, setup.dtype)
         results = [with_roofline(r, traffic, bandwidth) for r in results]
 
@@ -250,7 +250,8 @@ def latency(
     if bandwidth is not None:
         ui.console.print(
             f"roofline: weights ({traffic.weight_bytes / 1e9:.2f} GB) and K/V read once per decode step at "
-            f"{bandwidth / 1e12:.2f} TB/s, the bf16 GEMV streaming rate measured in this run",
+            f"{bandwidth / 1e12:.2f} TB/s, the bf16 GEMV streaming rate measured in this run"
+            + (f" on one GPU, times {engine.tp} (--tp)" if engine.tp > 1 else ""),
             highlight=False,
         )
     if json_path is not None:
@@ -314,7 +315,7 @@ def prefix(
     results = []
     for cache_type in ("radix", "naive"):
         llm = LLM.from_config(dataclasses.replace(engine, cache_type=cache_type))
-        with _progress(cache_type, num_prompts) as advance:
+        with llm, _progress(cache_type, num_prompts) as advance:
             results.append(run_prefix(llm, cache_type, workload, advance))
         del llm  # one engine's KV pool at a time
         gc.collect()

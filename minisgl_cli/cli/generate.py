@@ -92,7 +92,8 @@ def generate(
         if not resume and sink is not sys.stdout:
             sink.truncate(0)  # only now: a run refused above leaves an earlier output file as it was
         if llm is not None and jobs:
-            _run(llm, prompts, jobs, sink)
+            with llm:
+                _run(llm, prompts, jobs, sink)
     bad = len(parsed.bad) + len(model_bad)
     if bad:
         raise MinisglError(f"{bad} malformed input line(s) skipped (listed above); the other lines were done")

@@ -42,7 +42,8 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGro
     """Load the model (or `source`, already resolved) and size the KV pool; MinisglError if it cannot.
 
     With `tp` (a group of tensor-parallel ranks, every one of which calls this) this rank's share of the
-    model; the ranks agree on one KV pool size, so their schedulers make the same decisions."""
+    model; the ranks agree on one KV pool size, so their schedulers make the same decisions. Rank 0's
+    scheduler then sends what is done to it to the others, which must run `rank_sync.follow`."""
     # Heavy imports here, so importing this module stays cheap.
     from minisgl_cli.engine.device import resolve_device, resolve_dtype
     from minisgl_cli.engine.kv.naive_cache import NaiveCache
@@ -50,6 +51,7 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGro
     from minisgl_cli.engine.kv.radix_cache import RadixCache
     from minisgl_cli.engine.model_runner import ModelRunner
     from minisgl_cli.engine.models.config import ModelConfig
+    from minisgl_cli.engine.rank_sync import RankChannel, RankLeader
     from minisgl_cli.engine.scheduler import Scheduler
     from minisgl_cli.model_source import resolve_model
 
@@ -89,6 +91,7 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGro
         random_seed=cfg.random_seed,
         # On the CPU a step is synchronous: overlapping would only delay every token by a step.
         overlap=not cfg.disable_overlap and device.type == "cuda",
+        leader=RankLeader(RankChannel(tp)) if tp is not None and tp.size > 1 and tp.rank == 0 else None,
     )
     return Engine(source, model_config, runner, scheduler)
 

@@ -40,11 +40,21 @@ class WeightSlice:
     source: Shard
 
 
+# The CPU group's timeout: ranks 1..N-1 wait in it for rank 0's next step, however long the engine idles
+# (a chat REPL waits on its user). A dead peer still fails a gloo collective at once: its socket closes.
+CPU_GROUP_TIMEOUT = timedelta(days=365)
+
+
 @dataclass(frozen=True)
 class TPGroup:
+    """A rank's place among the tensor-parallel ranks. `group` carries the model's collectives (NCCL on
+    GPUs); `cpu_group` is gloo on every device and carries the ranks' bookkeeping (what rank 0 scheduled,
+    the KV pool size), which must not wait on a GPU stream and must fail fast when a peer dies."""
+
     rank: int
     size: int
     group: dist.ProcessGroup | None = None
+    cpu_group: dist.ProcessGroup | None = None
 
     @classmethod
     def single(cls) -> TPGroup:
@@ -65,12 +75,12 @@ class TPGroup:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def min_over_ranks(self, value: int, device: torch.device) -> int:
-        """The smallest of the ranks' `value`s (every rank must call it; `device` suits the backend)."""
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest of the ranks' `value`s (every rank must call it)."""
         if self.size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
         return int(t.item())
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,4 +118,5 @@ def init_tp(
     dist.init_process_group(
         backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout, device_id=device_id
     )
-    return TPGroup(rank=rank, size=size, group=dist.group.WORLD)
+    cpu_group = dist.new_group(backend="gloo", timeout=CPU_GROUP_TIMEOUT)
+    return TPGroup(rank=rank, size=size, group=dist.group.WORLD, cpu_group=cpu_group)

@@ -8,14 +8,21 @@ request (detokenization, stop strings).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minisgl_cli.config import EngineConfig
 from minisgl_cli.engine.outputs import OutputBuilder, RequestOutput
 from minisgl_cli.engine.request import FinishReason, SamplingParams
 from minisgl_cli.engine.tokenize import Prompt, encode_prompt, split_prompts
 from minisgl_cli.errors import MinisglError, UsageError
+
+if TYPE_CHECKING:
+    from minisgl_cli.engine.builder import Engine
+    from minisgl_cli.engine.distributed import TPGroup
+    from minisgl_cli.engine.rank_sync import RankLeader
+    from minisgl_cli.engine.tp_ranks import Followers
 
 # What the API accepts: one prompt or a list; one SamplingParams for all, one per prompt, or defaults.
 Prompts = Prompt | Sequence[Prompt]
@@ -56,17 +63,60 @@ class LLM:
     def _start(self, cfg: EngineConfig) -> None:
         from minisgl_cli.engine.builder import build_engine, load_tokenizer
 
-        if cfg.tp != 1:
-            raise UsageError(
-                f"tp={cfg.tp}: the in-process LLM runs on one device; tensor parallelism needs `minisgl serve`"
-            )
         self.config = cfg
-        engine = build_engine(cfg)
+        self._busy = False
+        self._stop_ranks: weakref.finalize | None = None
+        engine = build_engine(cfg) if cfg.tp == 1 else self._start_ranks(cfg)
         self.model_name = engine.source.name
         self.tokenizer = load_tokenizer(engine.source.path)
         self.runner = engine.runner
         self.scheduler = engine.scheduler
-        self._busy = False
+
+    def _start_ranks(self, cfg: EngineConfig) -> Engine:
+        """Tensor parallelism: this process is rank 0; ranks 1..N-1 start as child processes."""
+        import torch.distributed as dist
+
+        from minisgl_cli.engine.builder import build_engine
+        from minisgl_cli.engine.tp_ranks import Followers, check_tp, join
+        from minisgl_cli.model_source import resolve_model
+
+        if dist.is_initialized():  # torch.distributed has one default group per process
+            raise UsageError(
+                "this process already runs a tensor-parallel engine (or another torch.distributed group): "
+                "close() that LLM before starting another with tp > 1"
+            )
+        source = resolve_model(cfg.model, cfg.dummy_weights)
+        check_tp(cfg, source, ranks_here=cfg.tp)
+        followers = Followers(cfg, source)
+        tp = None
+        try:
+            followers.wait_joining()
+            rank_cfg, tp = join(cfg, followers.place0)
+            engine = build_engine(rank_cfg, source, tp=tp)
+            followers.wait_ready()
+        except BaseException as exc:
+            reason = followers.failure(wait_s=5.0) if isinstance(exc, RuntimeError) else None
+            followers.stop(None)
+            if tp is not None:
+                tp.destroy()
+            if reason is not None:
+                raise MinisglError(reason) from exc
+            raise
+        # Also run when this LLM is collected or the interpreter exits without close().
+        self._stop_ranks = weakref.finalize(self, _stop_ranks, followers, engine.scheduler.leader, tp)
+        return engine
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (no-op without tensor parallelism); the LLM is unusable
+        afterwards."""
+        if self._stop_ranks is not None:
+            self._stop_ranks()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- the API
 
@@ -148,6 +198,11 @@ class LLM:
                 self.scheduler.finish(b.req, FinishReason.ABORT)
             raise
         return builders
+
+
+def _stop_ranks(followers: Followers, leader: RankLeader | None, tp: TPGroup) -> None:
+    followers.stop(leader)
+    tp.destroy()
 
 
 def _sampling_list(sampling: Sampling, n: int) -> list[SamplingParams]:

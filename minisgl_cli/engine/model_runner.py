@@ -72,7 +72,7 @@ class ModelRunner:
         # that saw different page counts would admit and preempt differently, so their collectives would
         # stop matching.
         self.num_pages = self.tp.min_over_ranks(
-            self._size_pool(kv_cache_tokens, kv_cache_gb, mem_fraction, max_running_requests), device
+            self._size_pool(kv_cache_tokens, kv_cache_gb, mem_fraction, max_running_requests)
         )
         self.kv_pool = KVPool(
             model_config.num_layers,

@@ -31,6 +31,7 @@ import torch
 
 from minisgl_cli.engine.kv.prefix_cache import PrefixCache
 from minisgl_cli.engine.penalties import PenaltyState, needs_penalties
+from minisgl_cli.engine.rank_sync import Added, CacheDropped, Finished
 from minisgl_cli.engine.request import Batch, FinishReason, Req, SamplingParams
 from minisgl_cli.engine.sampling import PendingResults, SampleOutput, SamplingBatch, sample
 from minisgl_cli.engine.step_inputs import prepare_step
@@ -38,6 +39,7 @@ from minisgl_cli.errors import UsageError
 
 if TYPE_CHECKING:
     from minisgl_cli.engine.model_runner import ModelRunner
+    from minisgl_cli.engine.rank_sync import RankLeader
 
 # Cache-aware admission (SGLang's longest-prefix-match policy) walks the prefix cache once per waiting
 # request, so it orders queues up to this long; a longer queue is admitted in arrival order.
@@ -94,8 +96,11 @@ class Scheduler:
         eos_token_ids: list[int],
         random_seed: int = 0,
         overlap: bool = False,
+        leader: RankLeader | None = None,
     ) -> None:
         self.runner = runner
+        # Tensor-parallel rank 0: the other ranks' schedulers replay what is done to this one (rank_sync.py).
+        self.leader = leader
         # Overlap the CPU's scheduling of a step with the device's running of the previous one. Off on the
         # CPU, where a step is synchronous anyway and overlap would only delay every token by a step.
         self.overlap = overlap
@@ -144,6 +149,8 @@ class Scheduler:
             arrival_step=self._steps,
         )
         self.waiting.append(req)
+        if self.leader is not None:
+            self.leader.record(Added(req.rid, list(prompt_ids), sampling))
         return req
 
     def finish(self, req: Req, reason: str) -> None:
@@ -157,6 +164,11 @@ class Scheduler:
         """
         if req.finished:
             return
+        if self.leader is not None:  # the other ranks finish it too; those its own steps finish they see
+            self.leader.record(Finished(req.rid, reason))
+        self._retire(req, reason)
+
+    def _retire(self, req: Req, reason: str) -> None:
         req.finish_reason = reason
         if req.row >= 0:
             self.running.remove(req)
@@ -194,6 +206,8 @@ class Scheduler:
         requests returned are batch N's. A step with nothing new to schedule only processes the batch in
         flight.
         """
+        if self.leader is not None:
+            self.leader.flush()
         batch = self.schedule()
         launched = self._launch(batch) if batch is not None else None
         previous, self._inflight = self._inflight, launched
@@ -208,6 +222,8 @@ class Scheduler:
         """Run a batch from `schedule()` to the end (launch, wait, process): step by step, without overlap."""
         if self._inflight is not None:
             raise RuntimeError("a batch is in flight: step() must process it before run_batch() is used")
+        if self.leader is not None:
+            self.leader.flush()
         return self._process(self._launch(batch))
 
     def _launch(self, batch: Batch) -> InflightBatch:
@@ -264,7 +280,7 @@ class Scheduler:
             self._tokens_generated += 1
             reason = self._finish_reason(req, tok.token_id)
             if reason is not None:
-                self.finish(req, reason)
+                self._retire(req, reason)
             done.append(req)
         return done
 
@@ -455,6 +471,8 @@ class Scheduler:
 
     def drop_cached_prefixes(self) -> None:
         """Free every cached page no request holds (benchmarks: a timed run must not reuse a warm-up's K/V)."""
+        if self.leader is not None:
+            self.leader.record(CacheDropped())
         self.allocator.free(self.cache.evict(self.cache.stats().evictable_pages))
 
     def _release(self, req: Req) -> None:

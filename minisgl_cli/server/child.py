@@ -9,7 +9,6 @@ parent's death, and the loops check their parent as a fallback where that is una
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -21,10 +20,10 @@ from types import FrameType
 
 import zmq
 
+from minisgl_cli.engine.tp_ranks import die_with_parent
 from minisgl_cli.errors import MinisglError
 from minisgl_cli.server.messages import Failed, Ready, pack
 
-_PR_SET_PDEATHSIG = 1
 _stop_requested = threading.Event()
 
 
@@ -33,11 +32,7 @@ def prepare_child(log_level: str) -> int:
     parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _request_stop)
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except OSError:  # no glibc (e.g. musl): the keep_running checks remain
-            pass
+    die_with_parent()  # where it is unavailable, the keep_running checks remain
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(processName)s %(message)s", force=True)
     return parent
 

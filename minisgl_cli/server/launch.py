@@ -7,7 +7,9 @@ and stop everything on the way out.
     tokenizer worker x --num-tokenizers: prompts -> ids, tokens -> text (tokenizer_worker.py)
 
 They talk over ZMQ ipc:// sockets in a private temporary directory, where the ranks also meet to form their
-torch.distributed group (gloo on the CPU, NCCL on GPUs, rank r on cuda:r). The HTTP port is bound first (a
+torch.distributed group (gloo on the CPU, NCCL on GPUs, rank r on cuda:r). Across machines (--nnodes N) every
+node runs tp/N ranks and they meet at --dist-init-addr; only node 0 runs the API and the tokenizers, and a
+node other than 0 runs just its ranks, until node 0 stops them. The HTTP port is bound first (a
 port in use fails at once, before the model loads) but only listens once every process has said it is ready.
 SIGINT/SIGTERM stop the listener, let in-flight requests finish (uvicorn's graceful shutdown), then stop the
 children. A child that dies turns /health to 503, fails what was in flight, and the server exits with
@@ -23,7 +25,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_sentinels
@@ -32,7 +34,8 @@ from types import FrameType
 
 import zmq
 
-from minisgl_cli.config import Config, EngineConfig
+from minisgl_cli.config import Config
+from minisgl_cli.engine.tp_ranks import RankPlace, check_tp
 from minisgl_cli.errors import MinisglError, UsageError
 from minisgl_cli.model_source import ModelSource, resolve_model
 from minisgl_cli.server.engine_client import EngineClient, IpcAddresses
@@ -55,9 +58,52 @@ class _Child:
     process: BaseProcess
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """How the --tp ranks spread over machines: each of `nnodes` runs tp/nnodes consecutive ranks, node 0
+    the first ones (rank 0 among them) and the HTTP server."""
+
+    tp: int
+    nnodes: int
+    node_rank: int
+    init_addr: str | None  # HOST:PORT where the ranks meet across machines
+
+    @classmethod
+    def of(cls, config: Config) -> Nodes:
+        """The layout the config asks for; UsageError for one that cannot work."""
+        tp, server = config.engine.tp, config.server
+        nnodes, node_rank = server.nnodes, server.node_rank
+        if node_rank >= nnodes:
+            raise UsageError(f"--node-rank {node_rank} is outside --nnodes {nnodes} (0 to {nnodes - 1})")
+        if nnodes > 1 and server.dist_init_addr is None:
+            raise UsageError(
+                f"--nnodes {nnodes} needs --dist-init-addr HOST:PORT: node 0's address and a free port there, "
+                "the same on every node"
+            )
+        if tp % nnodes:
+            raise UsageError(
+                f"--tp {tp} does not split over --nnodes {nnodes}: every node runs the same number of ranks"
+            )
+        return cls(tp, nnodes, node_rank, server.dist_init_addr if nnodes > 1 else None)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp // self.nnodes
+
+    def places(self, ipc_dir: str) -> list[RankPlace]:
+        """This node's ranks: GPU i of the node runs rank node_rank * ranks_per_node + i."""
+        init = f"tcp://{self.init_addr}" if self.init_addr is not None else f"file://{ipc_dir}/tp-init"
+        first = self.node_rank * self.ranks_per_node
+        return [RankPlace(first + i, self.tp, i, init) for i in range(self.ranks_per_node)]
+
+
 def serve(config: Config, log_level: str) -> int:
-    """Run the server until it is stopped; the exit status (0 after SIGINT/SIGTERM)."""
+    """Run the server until it is stopped; the exit status (0 after SIGINT/SIGTERM). On a node other than
+    0 of a multi-node set-up, run this node's ranks until node 0 stops them."""
     engine_cfg, server_cfg = config.engine, config.server
+    nodes = Nodes.of(config)
+    if nodes.node_rank > 0:
+        return _serve_ranks(config, nodes, log_level)
     listener = _bind(server_cfg.host, server_cfg.port)
     try:
         if server_cfg.host not in _LOOPBACK and server_cfg.api_key is None:
@@ -66,16 +112,25 @@ def serve(config: Config, log_level: str) -> int:
                 server_cfg.host,
             )
         source = resolve_model(engine_cfg.model, engine_cfg.dummy_weights)  # converts a GGUF once, here
-        _check_tp(engine_cfg, source)
+        check_tp(engine_cfg, source, nodes.ranks_per_node)
         vocab_size = int(source.hf_config["vocab_size"])
         with tempfile.TemporaryDirectory(prefix="minisgl-") as ipc_dir:
             addresses = IpcAddresses.in_dir(ipc_dir, server_cfg.num_tokenizers)
             ctx = zmq.Context()
             ready = ctx.socket(zmq.PULL)
             ready.bind(addresses.ready)
-            children = _spawn(config, source, vocab_size, addresses, log_level, ipc_dir)
+            children = _spawn_ranks(config, source, addresses, log_level, nodes.places(ipc_dir))
+            children += _spawn_tokenizers(config, source, vocab_size, addresses, log_level)
             try:
                 with _sigterm_interrupts():
+                    if nodes.nnodes > 1:
+                        others = nodes.tp - nodes.ranks_per_node
+                        log.info(
+                            "waiting for the other %d node(s), %d rank(s), to join at %s",
+                            nodes.nnodes - 1,
+                            others,
+                            nodes.init_addr,
+                        )
                     info = _wait_ready(ready, children, engine_role=children[0].role)
                 ctx.destroy(linger=0)
                 return _serve_http(listener, addresses, info, children, config)
@@ -83,6 +138,59 @@ def serve(config: Config, log_level: str) -> int:
                 _stop(children)
     finally:
         listener.close()
+
+
+def _serve_ranks(config: Config, nodes: Nodes, log_level: str) -> int:
+    """A node other than 0: its ranks only (no HTTP, no tokenizers), until rank 0 on node 0 stops them
+    (status 0), one of them dies (1), or SIGINT/SIGTERM stops this node (0; node 0 then fails)."""
+    source = resolve_model(config.engine.model, config.engine.dummy_weights)
+    check_tp(config.engine, source, nodes.ranks_per_node)
+    with tempfile.TemporaryDirectory(prefix="minisgl-") as ipc_dir:
+        addresses = IpcAddresses.in_dir(ipc_dir, 0)  # only `ready` is used: these ranks talk to rank 0 only
+        ctx = zmq.Context()
+        ready = ctx.socket(zmq.PULL)
+        ready.bind(addresses.ready)
+        places = nodes.places(ipc_dir)
+        children = _spawn_ranks(config, source, addresses, log_level, places)
+        try:
+            with _sigterm_interrupts():
+                log.info(
+                    "node %d of %d: joining node 0 at %s", nodes.node_rank, nodes.nnodes, nodes.init_addr
+                )
+                info = _wait_ready(ready, children, engine_role=children[0].role)
+                ctx.destroy(linger=0)
+                ranks = ", ".join(str(place.rank) for place in places)
+                log.info(
+                    "node %d: rank(s) %s ready on %s (KV cache %s tokens); node 0 serves HTTP",
+                    nodes.node_rank,
+                    ranks,
+                    info.device.split(":")[0],
+                    f"{info.kv_tokens:,}",
+                )
+                log.info("processes: %s", ", ".join(f"{c.role} (pid {c.process.pid})" for c in children))
+                return _wait_ranks(children)
+        except KeyboardInterrupt:
+            log.info("node %d: stopping", nodes.node_rank)
+            return 0
+        finally:
+            _stop(children)
+
+
+def _wait_ranks(children: list[_Child]) -> int:
+    """Wait until every rank of this node exited: 0 when all of them did so cleanly (node 0 stopped them)."""
+    pending = list(children)
+    while pending:
+        wait_for_sentinels([c.process.sentinel for c in pending])
+        for child in [c for c in pending if not c.process.is_alive()]:
+            child.process.join()
+            pending.remove(child)
+            if child.process.exitcode != 0:
+                raise MinisglError(
+                    f"the {child.role} process died ({_exit_status(child.process)}): "
+                    "node 0 or another rank is gone; this node stopped"
+                )
+    log.info("node 0 stopped the server; this node's ranks exited")
+    return 0
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -98,72 +206,43 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _check_tp(cfg: EngineConfig, source: ModelSource) -> None:
-    """Refuse a tensor-parallel size that cannot work before any process starts: more ranks than GPUs, one
-    GPU named for several ranks, or a model whose heads or MLP do not split over the ranks."""
-    if cfg.tp == 1:
-        return
-    import torch
-
-    from minisgl_cli.engine.device import resolve_device
-    from minisgl_cli.engine.distributed import TPGroup
-    from minisgl_cli.engine.models.config import ModelConfig
-
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        if device.index is not None:
-            raise UsageError(
-                f"--device {cfg.device} names one GPU, but --tp {cfg.tp} runs rank r on cuda:r: "
-                "use --device cuda (or auto) and CUDA_VISIBLE_DEVICES to choose the GPUs"
-            )
-        count = torch.cuda.device_count()
-        if cfg.tp > count:
-            raise UsageError(f"--tp {cfg.tp} needs {cfg.tp} GPUs, one per rank, but {count} are visible")
-    ModelConfig.from_hf(source.hf_config).for_rank(TPGroup(rank=0, size=cfg.tp))
-
-
-def _spawn(
-    config: Config,
-    source: ModelSource,
-    vocab_size: int,
-    addresses: IpcAddresses,
-    log_level: str,
-    ipc_dir: str,
+def _spawn_ranks(
+    config: Config, source: ModelSource, addresses: IpcAddresses, log_level: str, places: list[RankPlace]
 ) -> list[_Child]:
-    # Heavy modules (torch) load only in the children that need them.
+    """Start this node's scheduler processes, its lowest rank first (on node 0 rank 0, whose Ready
+    describes the engine)."""
     from minisgl_cli.server.scheduler_worker import Rank, scheduler_main
+
+    children = []
+    for place in places:
+        rank = Rank("scheduler" if place.size == 1 else f"scheduler-{place.rank}", place)
+        children.append(
+            _start(
+                rank.role,
+                scheduler_main,
+                (config.engine, source, addresses, config.server.max_queue, log_level, rank),
+            )
+        )
+    return children
+
+
+def _spawn_tokenizers(
+    config: Config, source: ModelSource, vocab_size: int, addresses: IpcAddresses, log_level: str
+) -> list[_Child]:
     from minisgl_cli.server.tokenizer_worker import tokenizer_main
 
+    return [
+        _start(f"tokenizer-{i}", tokenizer_main, (i, source.path, vocab_size, addresses, log_level))
+        for i in range(config.server.num_tokenizers)
+    ]
+
+
+def _start(role: str, target: Callable[..., None], args: tuple[object, ...]) -> _Child:
     # spawn, not fork: this process may have imported torch or started threads, which fork cannot copy safely.
-    mp = multiprocessing.get_context("spawn")
-    tp = config.engine.tp
-    children = []
-    for r in range(tp):  # rank 0 first: its Ready describes the engine
-        rank = Rank("scheduler" if tp == 1 else f"scheduler-{r}", r, tp, f"file://{ipc_dir}/tp-init")
-        children.append(
-            _Child(
-                rank.role,
-                mp.Process(
-                    target=scheduler_main,
-                    args=(config.engine, source, addresses, config.server.max_queue, log_level, rank),
-                    name=f"minisgl-{rank.role}",
-                ),
-            )
-        )
-    for i in range(config.server.num_tokenizers):
-        children.append(
-            _Child(
-                f"tokenizer-{i}",
-                mp.Process(
-                    target=tokenizer_main,
-                    args=(i, source.path, vocab_size, addresses, log_level),
-                    name=f"minisgl-tokenizer-{i}",
-                ),
-            )
-        )
-    for child in children:
-        child.process.start()
-    return children
+    # Heavy modules (torch) load only in the children that need them.
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args, name=f"minisgl-{role}")
+    process.start()
+    return _Child(role, process)
 
 
 def _wait_ready(ready: zmq.Socket, children: list[_Child], engine_role: str) -> Ready:
@@ -230,7 +309,10 @@ def _serve_http(
     death: list[str] = []
     stop_watching = threading.Event()
     watchdog = threading.Thread(
-        target=_watch, args=(children, engine, server, death, stop_watching), daemon=True, name="watchdog"
+        target=_watch,
+        args=(children, engine, server, death, stop_watching, config.server.nnodes > 1),
+        daemon=True,
+        name="watchdog",
     )
     watchdog.start()
     # uvicorn captures SIGINT/SIGTERM while it runs and re-raises them after its graceful shutdown; these
@@ -257,6 +339,7 @@ def _watch(
     server: object,
     death: list[str],
     stop: threading.Event,
+    multi_node: bool,
 ) -> None:
     sentinels = {child.process.sentinel: child for child in children}
     while not stop.is_set():
@@ -269,7 +352,9 @@ def _watch(
         for child in dead:
             child.process.join(1.0)  # a sentinel fires before the child is reaped: then its status is known
         deaths = ", ".join(f"the {c.role} process died ({_exit_status(c.process)})" for c in dead)
-        reason = f"{deaths}; the server stopped"
+        # A rank on another node is not this node's child: when one dies, rank 0 is the death seen here.
+        elsewhere = "; a rank on another node may have died first (see that node's log)" if multi_node else ""
+        reason = f"{deaths}{elsewhere}; the server stopped"
         log.error("%s", reason)
         death.append(reason)
         engine.mark_dead(reason)

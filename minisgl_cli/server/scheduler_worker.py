@@ -7,12 +7,9 @@ detokenizes); now and then send EngineStats to the API (for /metrics). Admission
 engine's limits (prompt length, context length, queue length) happen here and come back to the API as a
 Rejected message.
 
-Ranks 1..N-1 talk only to rank 0. Every rank holds a whole Scheduler replica; each iteration rank 0
-broadcasts what it accepted (requests that passed its checks, aborts, in arrival order) and every rank
-applies that and steps. The same messages in the same order give the same schedules, and every rank gets the
-whole logits, so the replicas sample the same tokens and their model collectives always line up. Rank 0
-broadcasts even when idle (an empty list, at least every IDLE_POLL_MS) so the others never wait long in a
-collective, and a stop marker when it shuts down.
+Ranks 1..N-1 talk only to rank 0: each holds a whole Scheduler that replays rank 0's (the requests rank 0
+accepted, the aborts, in order; engine/rank_sync.py) and runs every step with it. Rank 0 tells them to stop
+when it shuts down.
 """
 
 from __future__ import annotations
@@ -20,14 +17,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import zmq
 
 from minisgl_cli.config import EngineConfig
 from minisgl_cli.engine.builder import Engine, build_engine
+from minisgl_cli.engine.rank_sync import RankChannel, follow
 from minisgl_cli.engine.request import FinishReason, Req
+from minisgl_cli.engine.tp_ranks import RankPlace, join
 from minisgl_cli.errors import UsageError
 from minisgl_cli.model_source import ModelSource
 from minisgl_cli.server.child import keep_running, prepare_child, report, startup_failures
@@ -43,9 +41,6 @@ from minisgl_cli.server.messages import (
     unpack,
 )
 
-if TYPE_CHECKING:
-    from minisgl_cli.engine.distributed import TPGroup
-
 # torch loads inside the functions that need it: the launcher imports this module for its entry point.
 
 log = logging.getLogger(__name__)
@@ -53,17 +48,13 @@ log = logging.getLogger(__name__)
 IDLE_POLL_MS = 200  # how long an idle scheduler waits for messages before checking it should go on
 STATS_INTERVAL_S = 0.1  # the API's view of the engine (running, queued, KV use) is at most this old
 
-Accepted = list[TokenizedRequest | AbortRequest]  # what rank 0 passes on to the other ranks, in order
-
 
 @dataclass(frozen=True)
 class Rank:
     """Which tensor-parallel rank a scheduler process is, and where the ranks meet."""
 
     role: str  # the process's name in readiness reports and logs
-    rank: int = 0
-    size: int = 1
-    init_method: str = ""  # a file:// or tcp:// address; unused at size 1
+    place: RankPlace = RankPlace(0, 1, 0, "")
 
 
 def scheduler_main(
@@ -77,15 +68,10 @@ def scheduler_main(
     """Process entry point (spawned by the launcher, once per rank)."""
     parent = prepare_child(log_level)
     with startup_failures(addresses.ready, rank.role):
-        cfg, tp = _join(cfg, rank)
-        ranks = RankChannel(rank.size)
+        cfg, tp = join(cfg, rank.place)
         engine = build_engine(cfg, source, tp=tp)
-        replica = Replica(engine)
-        worker = (
-            SchedulerWorker(replica, ranks, addresses, max_queue)
-            if rank.rank == 0
-            else Follower(replica, ranks)
-        )
+        requests = RequestTable(engine)
+        worker = SchedulerWorker(requests, addresses, max_queue) if tp.rank == 0 else None
     runner = engine.runner
     report(
         addresses.ready,
@@ -100,9 +86,14 @@ def scheduler_main(
         ),
     )
     try:
-        worker.run(parent)
+        if worker is not None:
+            worker.run(parent)
+        else:
+            # SIGTERM is not checked here: the launcher stops rank 0 too, which tells this rank to stop
+            # between two steps.
+            follow(engine.scheduler, RankChannel(tp))
     except RuntimeError as exc:
-        if rank.size == 1:
+        if tp.size == 1:
             raise
         # Most likely another rank died (torch.distributed reports it as a RuntimeError); the launcher
         # watches every rank and stops the server, so one line here is enough (the trace at debug level).
@@ -114,106 +105,34 @@ def scheduler_main(
     tp.destroy()
 
 
-def _join(cfg: EngineConfig, rank: Rank) -> tuple[EngineConfig, TPGroup]:
-    """Join the other ranks: the engine settings for this rank (rank r runs on cuda:r) and its group."""
-    import torch
-
-    from minisgl_cli.engine.device import resolve_device
-    from minisgl_cli.engine.distributed import TPGroup, init_tp
-
-    if rank.size == 1:
-        return cfg, TPGroup.single()
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", rank.rank)
-        torch.cuda.set_device(device)
-        cfg = replace(cfg, device=str(device))
-    else:  # the ranks share the cores: more threads than cores each would only make them fight
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.size))
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    return cfg, init_tp(rank.rank, rank.size, rank.init_method, backend, device=device)
-
-
-class RankChannel:
-    """Rank 0's messages to the other ranks: a length, then (if any) the msgpack bytes, broadcast over a
-    gloo group of its own. It is on the CPU even when the model's group is NCCL, so waiting on it costs no
-    GPU stream, and an idle iteration costs a single small broadcast. Without tensor parallelism it does
-    nothing."""
-
-    _STOP = -1
-
-    def __init__(self, size: int) -> None:
-        import torch.distributed as dist
-
-        self._group = dist.new_group(backend="gloo") if size > 1 else None
-
-    def send(self, items: Accepted | None) -> None:
-        """Rank 0: pass `items` on (None: the ranks stop)."""
-        if self._group is None:
-            return
-        import torch
-        import torch.distributed as dist
-
-        data = pack(items) if items else b""
-        length = self._STOP if items is None else len(data)
-        dist.broadcast(torch.tensor([length], dtype=torch.int64), src=0, group=self._group)
-        if data:
-            payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            dist.broadcast(payload, src=0, group=self._group)
-
-    def receive(self) -> Accepted | None:
-        """Ranks 1..N-1: the next items from rank 0, waiting for them; None once rank 0 stops."""
-        import torch
-        import torch.distributed as dist
-
-        length = torch.zeros(1, dtype=torch.int64)
-        dist.broadcast(length, src=0, group=self._group)
-        n = int(length.item())
-        if n == self._STOP:
-            return None
-        if n == 0:
-            return []
-        payload = torch.empty(n, dtype=torch.uint8)
-        dist.broadcast(payload, src=0, group=self._group)
-        return unpack(payload.numpy().tobytes())
-
-
 @dataclass
 class _Tracked:
     req: Req
     sent: int = 0  # generated tokens already sent to the request's tokenizer worker (rank 0 only)
 
 
-class Replica:
-    """A rank's scheduler and its requests by server request id. Every rank applies the same accepted
-    messages to its replica in the same order, so all replicas stay identical."""
+class RequestTable:
+    """Rank 0's scheduler and its requests by server request id."""
 
     def __init__(self, engine: Engine) -> None:
         self.scheduler = engine.scheduler
-        self.requests: dict[int, _Tracked] = {}  # server request id -> the scheduler's request
+        self.tracked: dict[int, _Tracked] = {}  # server request id -> the scheduler's request
         self._server_rid: dict[int, int] = {}  # the scheduler's Req.rid -> server request id
 
     def add(self, item: TokenizedRequest) -> None:
         """Queue a request; UsageError if its prompt leaves no room for a new token."""
         req = self.scheduler.add(item.input_ids, item.sampling)
-        self.requests[item.rid] = _Tracked(req)
+        self.tracked[item.rid] = _Tracked(req)
         self._server_rid[req.rid] = item.rid
 
     def abort(self, rid: int) -> bool:
         """Stop request `rid`; False if there is none (finished already, or rejected)."""
-        tracked = self.requests.get(rid)
+        tracked = self.tracked.get(rid)
         if tracked is None:
             return False
         self.scheduler.finish(tracked.req, FinishReason.ABORT)
         self._forget(rid)
         return True
-
-    def apply(self, items: Accepted) -> None:
-        for item in items:
-            if isinstance(item, TokenizedRequest):
-                self.add(item)
-            else:
-                self.abort(item.rid)
 
     def step(self) -> list[tuple[int, _Tracked]]:
         """One scheduler step: (server request id, request) for each request with new tokens. Finished
@@ -221,41 +140,23 @@ class Replica:
         done = []
         for req in self.scheduler.step():
             rid = self._server_rid[req.rid]
-            done.append((rid, self.requests[rid]))
+            done.append((rid, self.tracked[rid]))
             if req.finished:
                 self._forget(rid)
         return done
 
     def _forget(self, rid: int) -> None:
-        tracked = self.requests.pop(rid)
+        tracked = self.tracked.pop(rid)
         del self._server_rid[tracked.req.rid]
 
 
-class Follower:
-    """Ranks 1..N-1: apply what rank 0 accepted, step when there is work, say nothing to anyone."""
-
-    def __init__(self, replica: Replica, ranks: RankChannel) -> None:
-        self.replica = replica
-        self._ranks = ranks
-
-    def run(self, parent: int) -> None:
-        # SIGTERM is not checked here: the launcher stops rank 0 too, whose stop marker ends this loop
-        # between two steps. A dead rank 0 ends it with an error from the broadcast.
-        while (items := self._ranks.receive()) is not None:
-            self.replica.apply(items)
-            if self.replica.scheduler.has_work:
-                self.replica.step()
-
-
 class SchedulerWorker:
-    """Rank 0: the ZMQ side (requests in, tokens and stats out), admission checks, and the other ranks'
-    messages."""
+    """Rank 0: the ZMQ side (requests in, tokens and stats out) and admission checks."""
 
-    def __init__(self, replica: Replica, ranks: RankChannel, addresses: IpcAddresses, max_queue: int) -> None:
-        self.replica = replica
-        self.scheduler = replica.scheduler
+    def __init__(self, requests: RequestTable, addresses: IpcAddresses, max_queue: int) -> None:
+        self.requests = requests
+        self.scheduler = requests.scheduler
         self.max_queue = max_queue
-        self._ranks = ranks
         ctx = zmq.Context.instance()
         self._inbox = ctx.socket(zmq.PULL)
         self._inbox.bind(addresses.scheduler)
@@ -273,13 +174,20 @@ class SchedulerWorker:
         poller = zmq.Poller()
         poller.register(self._inbox, zmq.POLLIN)
         while keep_running(parent):
-            accepted = self._receive_all() if poller.poll(self._poll_timeout_ms()) else []
-            self._ranks.send(accepted)
-            if self.scheduler.has_work:
-                self._send_outputs(self.replica.step())
-                self._stats_due = True
+            idle = not poller.poll(self._poll_timeout_ms())
+            if not idle:
+                self._receive_all()
+            # Under tensor parallelism an idle rank 0 still steps (an empty step, which the other ranks
+            # replay) each time its poll times out: a rank that died on another node, which this node's
+            # launcher cannot see, then fails that step's broadcast, and the server stops at once rather
+            # than on its next request.
+            busy = self.scheduler.has_work
+            if busy or (idle and self.scheduler.leader is not None):
+                self._send_outputs(self.requests.step())
+                self._stats_due = self._stats_due or busy
             self._maybe_send_stats()
-        self._ranks.send(None)
+        if self.scheduler.leader is not None:
+            self.scheduler.leader.stop()
 
     def _poll_timeout_ms(self) -> int:
         if self.scheduler.has_work:
@@ -291,28 +199,25 @@ class SchedulerWorker:
 
     # ---- messages in
 
-    def _receive_all(self) -> Accepted:
-        """Apply every message waiting; what was accepted, in order, for the other ranks."""
-        accepted: Accepted = []
+    def _receive_all(self) -> None:
+        """Apply every message waiting."""
         while True:
             try:
                 data = self._inbox.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return accepted
+                return
             message = unpack(data)
             for item in message if isinstance(message, list) else [message]:
                 if isinstance(item, TokenizedRequest):
-                    if self._add(item):
-                        accepted.append(item)
+                    self._add(item)
                 elif isinstance(item, AbortRequest):
-                    if self.replica.abort(item.rid):
-                        accepted.append(item)
+                    self.requests.abort(item.rid)
                 else:
                     log.error("scheduler: unexpected message %s", type(item).__name__)
             self._stats_due = True
 
-    def _add(self, item: TokenizedRequest) -> bool:
-        """Queue the request if it passes the admission checks, else reject it; whether it was queued."""
+    def _add(self, item: TokenizedRequest) -> None:
+        """Queue the request if it passes the admission checks, else reject it."""
         scheduler = self.scheduler
         if len(scheduler.waiting) >= self.max_queue:
             self._reject(
@@ -321,7 +226,7 @@ class SchedulerWorker:
                 f"the server is at capacity: {len(scheduler.waiting)} requests are already waiting; retry later",
                 code="queue_full",
             )
-            return False
+            return
         n, m = len(item.input_ids), item.sampling.max_tokens
         if item.max_tokens_explicit and n + m > scheduler.max_seq_len:
             self._reject(
@@ -332,13 +237,12 @@ class SchedulerWorker:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-            return False
+            return
         try:
-            self.replica.add(item)
+            self.requests.add(item)
         except UsageError as exc:
             self._reject(item.rid, 400, str(exc), param="messages", code="context_length_exceeded")
-            return False
-        return True
+            return
 
     def _reject(
         self, rid: int, status: int, message: str, param: str | None = None, code: str | None = None
