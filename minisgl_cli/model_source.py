@@ -34,7 +34,7 @@ ProgressFn = Callable[[int, int, str], None]
 @dataclass
 class ModelSource:
     name: str  # what the model is called (served model name, logs)
-    path: Path | None  # HF-style directory; None for a built-in shape (dummy weights, no tokenizer)
+    path: Path | None  # HF-style directory; None for a built-in shape (dummy weights, placeholder tokenizer)
     hf_config: dict[str, Any]  # config.json's content
 
 

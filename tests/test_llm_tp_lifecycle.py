@@ -79,3 +79,17 @@ def test_more_ranks_than_gpus_is_refused(
     with pytest.raises(UsageError) as info:
         check_tp(cfg, resolve_model(cfg.model, False), ranks_here)
     assert str(info.value).startswith(message)
+
+
+def test_four_ranks_give_the_tokens_of_two_and_one(model_dir: Path) -> None:
+    """Issue 10's check on the CPU: TP=4 (KV heads copied, 2 ranks each) against TP=2 and one rank."""
+    prompts = ["The quick brown fox", "hello there, how are", [5, 6, 7] * 9]
+    sampling = [
+        SamplingParams(temperature=0, max_tokens=10),
+        SamplingParams(temperature=0.9, seed=4, max_tokens=10),
+    ]
+    runs = {}
+    for tp in (1, 2, 4):
+        with LLM(str(model_dir), tp=tp, **ENGINE) as llm:
+            runs[tp] = [o.token_ids for o in llm.generate(prompts * 2, sampling * 3)]
+    assert runs[4] == runs[2] == runs[1]

@@ -577,7 +577,7 @@ def _offline_workload(cfg: LoadedConfig, setup: _Setup) -> Workload:
     return load_workload(
         cfg.config.bench,
         setup.model_config.vocab_size,
-        lambda: load_tokenizer(setup.source.path),
+        lambda: load_tokenizer(setup.source),
         # A dataset file runs whole unless a number of prompts was asked for (the default is the random one's).
         whole_file=cfg.sources["num_prompts"] == "default",
     )

@@ -96,9 +96,15 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGro
     return Engine(source, model_config, runner, scheduler)
 
 
-def load_tokenizer(path: Path | None) -> Any | None:
-    """The model directory's tokenizer; None for a built-in shape or a directory without tokenizer files."""
-    if path is None or not any((path / name).is_file() for name in _TOKENIZER_FILES):
+def load_tokenizer(source: ModelSource) -> Any | None:
+    """The model's tokenizer: its directory's; a placeholder for a built-in shape (placeholder_tokenizer.py);
+    None for a directory without tokenizer files."""
+    if source.path is None:
+        from minisgl_cli.engine.placeholder_tokenizer import placeholder_tokenizer
+
+        return placeholder_tokenizer(source.hf_config)
+    path = source.path
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 

@@ -232,7 +232,7 @@ def _spawn_tokenizers(
     from minisgl_cli.server.tokenizer_worker import tokenizer_main
 
     return [
-        _start(f"tokenizer-{i}", tokenizer_main, (i, source.path, vocab_size, addresses, log_level))
+        _start(f"tokenizer-{i}", tokenizer_main, (i, source, vocab_size, addresses, log_level))
         for i in range(config.server.num_tokenizers)
     ]
 

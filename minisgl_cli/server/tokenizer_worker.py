@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -20,6 +19,7 @@ from minisgl_cli.engine.outputs import TextStream
 from minisgl_cli.engine.request import FinishReason
 from minisgl_cli.engine.tokenize import encode_prompt, is_token_ids
 from minisgl_cli.errors import UsageError
+from minisgl_cli.model_source import ModelSource
 from minisgl_cli.server.child import keep_running, prepare_child, report, startup_failures
 from minisgl_cli.server.engine_client import IpcAddresses
 from minisgl_cli.server.messages import (
@@ -42,7 +42,7 @@ POLL_MS = 200  # how often an idle worker checks that it should go on (SIGTERM, 
 
 
 def tokenizer_main(
-    index: int, model_path: Path | None, vocab_size: int, addresses: IpcAddresses, log_level: str
+    index: int, source: ModelSource, vocab_size: int, addresses: IpcAddresses, log_level: str
 ) -> None:
     """Process entry point (spawned by the launcher)."""
     parent = prepare_child(log_level)
@@ -52,7 +52,7 @@ def tokenizer_main(
     # transformers warns about every prompt longer than the model's context; the scheduler rejects those.
     hf_logging.set_verbosity_error()
     with startup_failures(addresses.ready, role):
-        worker = TokenizerWorker(index, load_tokenizer(model_path), vocab_size, addresses)
+        worker = TokenizerWorker(index, load_tokenizer(source), vocab_size, addresses)
     report(addresses.ready, Ready(role=role))
     worker.run(parent)
 
