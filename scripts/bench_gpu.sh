@@ -4,6 +4,8 @@
 #   scripts/bench_gpu.sh main        latency (llama-3.1-8b), offline qwen3-8b, ablations on qwen3-0.6b (~5 min)
 #   scripts/bench_gpu.sh hf          offline qwen3-0.6b against transformers, same run (~6 min)
 #   scripts/bench_gpu.sh decode      the decode-kernel ablation alone (tensor cores against CUDA cores)
+#   scripts/bench_gpu.sh serve [M]   serve M (default qwen3-8b): a streamed chat reply, bench serve, then bench
+#                                    offline on the same engine settings, for comparison
 #   scripts/bench_gpu.sh tp          two GPUs: offline qwen3-8b at --tp 1 and 2, latency llama-3.1-8b at both
 #   scripts/bench_gpu.sh tp4         four GPUs: llama-3.1-70b at --tp 4, latency b1/b32 and offline
 #
@@ -46,6 +48,31 @@ case "${1:-main}" in
         --decode-kernel $k --json "$out/latency_llama-3.1-8b_$k.json" 2>&1 | tail -6
     done
     ;;
+  serve)
+    model="${2:-qwen3-8b}"
+    port=18200
+    # python itself in the background (not the `mini` function's subshell), so $! is the server's pid
+    python3 -m minisgl_cli serve --dummy-weights -m "$model" --port $port > "$out/serve_$model.log" 2>&1 &
+    pid=$!
+    python3 - "$port" "$model" <<'PY'
+import sys, time, httpx
+port, model = sys.argv[1], sys.argv[2]
+base = f"http://127.0.0.1:{port}"
+for _ in range(600):
+    try:
+        if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+            break
+    except httpx.HTTPError:
+        pass
+    time.sleep(0.5)
+body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": True}
+with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+    print(r.status_code, [line for line in r.iter_lines() if line][:3])
+PY
+    mini bench serve --url "http://127.0.0.1:$port" --json "$out/serve_$model.json" 2>&1 | tail -22
+    kill -TERM $pid; wait $pid; echo "serve exit status $?"
+    mini bench offline --dummy-weights -m "$model" --json "$out/offline_${model}_serve-run.json" 2>&1 | tail -4
+    ;;
   tp)
     for tp in 1 2; do
       mini bench offline --dummy-weights -m qwen3-8b --tp $tp --json "$out/offline_qwen3-8b_tp$tp.json" 2>&1 | tail -4
@@ -61,5 +88,5 @@ case "${1:-main}" in
   hf)
     mini bench offline --dummy-weights -m qwen3-0.6b --baseline hf --json "$out/offline_qwen3-0.6b_hf.json" 2>&1 | tail -8
     ;;
-  *) echo "usage: scripts/bench_gpu.sh main|hf|decode|tp|tp4"; exit 2 ;;
+  *) echo "usage: scripts/bench_gpu.sh main|hf|decode|serve [MODEL]|tp|tp4"; exit 2 ;;
 esac
