@@ -31,7 +31,14 @@ ENV_PREFIX = "MINISGL_"
 CONFIG_ENV = "MINISGL_CONFIG"
 # Env names read elsewhere (CLI, cache), not config fields: the loader must not reject them as typos.
 RESERVED_ENV = frozenset(
-    {CONFIG_ENV, "MINISGL_CACHE", "MINISGL_LOG_LEVEL", "MINISGL_DEBUG", "MINISGL_NO_KERNELS"}
+    {
+        CONFIG_ENV,
+        "MINISGL_CACHE",
+        "MINISGL_LOG_LEVEL",
+        "MINISGL_DEBUG",
+        "MINISGL_NO_KERNELS",
+        "MINISGL_TP_ONE_GPU",
+    }
 )
 
 _TRUE = frozenset({"1", "true", "yes", "on"})

@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--url", required=True)
     ap.add_argument("-m", "--model", required=True)
     ap.add_argument("--dummy-weights", action="store_true")
+    ap.add_argument("--dtype", default="auto", help="the in-process engine's; the server's --dtype")
+    ap.add_argument("--kv-cache-tokens", type=int, default=200_000, help="the in-process engine's KV pool")
     ap.add_argument("--num-requests", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--compare", type=int, default=8, help="requests also run in-process and compared")
@@ -64,7 +66,13 @@ def main() -> None:
     from minisgl_cli.engine.llm import LLM
     from minisgl_cli.engine.request import SamplingParams
 
-    llm = LLM(args.model, dummy_weights=args.dummy_weights, kv_cache_tokens=200_000, max_running_requests=64)
+    llm = LLM(
+        args.model,
+        dummy_weights=args.dummy_weights,
+        dtype=args.dtype,
+        kv_cache_tokens=args.kv_cache_tokens,
+        max_running_requests=64,
+    )
     k = args.compare
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens[:k]]
     local = [o.token_ids for o in llm.generate(prompts[:k], params)]

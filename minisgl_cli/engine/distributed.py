@@ -61,6 +61,11 @@ class TPGroup:
         """One rank holding the whole model: no process group, collectives are no-ops."""
         return cls(rank=0, size=1)
 
+    @property
+    def capturable(self) -> bool:
+        """Whether a CUDA graph can capture this group's collectives (NCCL's can; gloo's cannot)."""
+        return self.size == 1 or dist.get_backend(self.group) == "nccl"
+
     def shard(self, n: int) -> Shard:
         """This rank's part of `n` items (heads, rows): an equal share when the ranks divide `n`. With
         fewer items than ranks (KV heads under a wide split) each rank holds the one item that its share

@@ -106,9 +106,12 @@ class ModelRunner:
 
     def _capture_graphs(self, max_batch_size: int, max_context_len: int) -> CudaGraphRunner | None:
         """Decode graphs, after the KV pool so they see its final addresses; None where they cannot run
-        (CPU, graphs turned off, a decode backend other than FlashInfer, whose planning is not capturable)."""
+        (CPU, graphs turned off, a decode backend other than FlashInfer, whose planning is not capturable,
+        collectives over gloo)."""
         decode = self.attn.decode_backend if isinstance(self.attn, SplitBackend) else self.attn
         if self.device.type != "cuda" or max_batch_size <= 0 or not isinstance(decode, FlashInferBackend):
+            return None
+        if not self.tp.capturable:  # ranks on one GPU over gloo (tp_ranks.ONE_GPU_ENV): run eagerly
             return None
         return CudaGraphRunner(
             self.model, decode, max_batch_size=max_batch_size, max_context_len=max_context_len

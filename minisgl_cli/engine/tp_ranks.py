@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# Debugging on a machine with one GPU: every rank on cuda:0, gloo for the model's collectives (NCCL refuses
+# two ranks on one GPU) and so no CUDA graphs (gloo collectives cannot be captured). Slow; for correctness.
+ONE_GPU_ENV = "MINISGL_TP_ONE_GPU"
 FOLLOWER_STOP_S = 10.0  # a follower gets this long to leave its loop after rank 0 stops, then is killed
 _JOINING = "joining"  # a follower's first message: it is about to enter the rendezvous
 
@@ -61,7 +64,7 @@ def check_tp(cfg: EngineConfig, source: ModelSource, ranks_here: int) -> None:
     from minisgl_cli.engine.models.config import ModelConfig
 
     device = resolve_device(cfg.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not one_gpu():
         if device.index is not None:
             raise UsageError(
                 f"--device {cfg.device} names one GPU, but --tp {cfg.tp} runs each rank on a GPU of its own: "
@@ -87,13 +90,18 @@ def join(cfg: EngineConfig, place: RankPlace) -> tuple[EngineConfig, TPGroup]:
         return cfg, TPGroup.single()
     device = resolve_device(cfg.device)
     if device.type == "cuda":
-        device = torch.device("cuda", place.local_rank)
+        device = torch.device("cuda", 0 if one_gpu() else place.local_rank)
         torch.cuda.set_device(device)
         cfg = replace(cfg, device=str(device))
     else:  # the ranks share the cores: more threads than cores each would only make them fight
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // place.size))
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = "nccl" if device.type == "cuda" and not one_gpu() else "gloo"
     return cfg, init_tp(place.rank, place.size, place.init_method, backend, device=device)
+
+
+def one_gpu() -> bool:
+    """Whether MINISGL_TP_ONE_GPU=1 puts every rank on cuda:0 over gloo (see ONE_GPU_ENV)."""
+    return os.environ.get(ONE_GPU_ENV, "") == "1"
 
 
 def die_with_parent() -> None:
