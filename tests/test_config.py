@@ -180,6 +180,8 @@ class TestEnvParsing:
             "MINISGL_CACHE": "/tmp/c",
             "MINISGL_LOG_LEVEL": "debug",
             "MINISGL_DEBUG": "1",
+            "MINISGL_NO_KERNELS": "1",
+            "MINISGL_TP_ONE_GPU": "1",
             "MINISGL_CONFIG": "",
             "PATH": "/bin",
             "minisgl_port": "1",
