@@ -45,6 +45,9 @@ class LLM:
     `LLM()` runs the embedded SmolLM2; `LLM("path/or/id", page_size=16, ...)` takes any EngineConfig field
     as a keyword. Outputs come back in input order (`generate`), in completion order (`iter_outputs`), or
     as text deltas (`stream`). One call runs at a time.
+
+    With `tp=N` this process is tensor-parallel rank 0 and ranks 1..N-1 run in child processes (one GPU
+    each) until `close()` (or `with LLM(...) as llm:`); one such LLM per process.
     """
 
     def __init__(self, model: str | None = None, **overrides: Any) -> None:
