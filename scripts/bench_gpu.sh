@@ -54,19 +54,12 @@ case "${1:-main}" in
     # python itself in the background (not the `mini` function's subshell), so $! is the server's pid
     python3 -m minisgl_cli serve --dummy-weights -m "$model" --port $port > "$out/serve_$model.log" 2>&1 &
     pid=$!
+    python3 scripts/wait_healthy.py $port || { kill $pid; exit 1; }
     python3 - "$port" "$model" <<'PY'
-import sys, time, httpx
+import sys, httpx
 port, model = sys.argv[1], sys.argv[2]
-base = f"http://127.0.0.1:{port}"
-for _ in range(600):
-    try:
-        if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-            break
-    except httpx.HTTPError:
-        pass
-    time.sleep(0.5)
 body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": True}
-with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as r:
     print(r.status_code, [line for line in r.iter_lines() if line][:3])
 PY
     mini bench serve --url "http://127.0.0.1:$port" --json "$out/serve_$model.json" 2>&1 | tail -22

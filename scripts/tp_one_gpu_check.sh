@@ -10,17 +10,7 @@ port=18300
 MINISGL_TP_ONE_GPU=1 python3 -m minisgl_cli serve --dummy-weights -m qwen3-0.6b --tp 2 --dtype float32 \
   --kv-cache-tokens 50000 --max-running-requests 64 --port $port > "$out/serve_tp2_one_gpu.log" 2>&1 &
 pid=$!
-python3 - "$port" <<'PY'
-import sys, time, httpx
-for _ in range(600):
-    try:
-        if httpx.get(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2).status_code == 200:
-            sys.exit(0)
-    except httpx.HTTPError:
-        pass
-    time.sleep(0.5)
-sys.exit("the server did not start")
-PY
+python3 scripts/wait_healthy.py $port || { kill $pid; exit 1; }
 python3 scripts/serve_check.py --url "http://127.0.0.1:$port" -m qwen3-0.6b --dummy-weights --dtype float32 \
   --kv-cache-tokens 50000
 kill -TERM $pid; wait $pid; echo "serve exit status $?"
