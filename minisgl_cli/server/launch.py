@@ -113,29 +113,15 @@ def serve(config: Config, log_level: str) -> int:
             )
         source = resolve_model(engine_cfg.model, engine_cfg.dummy_weights)  # converts a GGUF once, here
         check_tp(engine_cfg, source, nodes.ranks_per_node)
-        vocab_size = int(source.hf_config["vocab_size"])
-        with tempfile.TemporaryDirectory(prefix="minisgl-") as ipc_dir:
-            addresses = IpcAddresses.in_dir(ipc_dir, server_cfg.num_tokenizers)
-            ctx = zmq.Context()
-            ready = ctx.socket(zmq.PULL)
-            ready.bind(addresses.ready)
-            children = _spawn_ranks(config, source, addresses, log_level, nodes.places(ipc_dir))
-            children += _spawn_tokenizers(config, source, vocab_size, addresses, log_level)
-            try:
-                with _sigterm_interrupts():
-                    if nodes.nnodes > 1:
-                        others = nodes.tp - nodes.ranks_per_node
-                        log.info(
-                            "waiting for the other %d node(s), %d rank(s), to join at %s",
-                            nodes.nnodes - 1,
-                            others,
-                            nodes.init_addr,
-                        )
-                    info = _wait_ready(ready, children, engine_role=children[0].role)
-                ctx.destroy(linger=0)
-                return _serve_http(listener, addresses, info, children, config)
-            finally:
-                _stop(children)
+        if nodes.nnodes > 1:
+            log.info(
+                "waiting for the other %d node(s), %d rank(s), to join at %s",
+                nodes.nnodes - 1,
+                nodes.tp - nodes.ranks_per_node,
+                nodes.init_addr,
+            )
+        with _engine_processes(config, nodes, source, log_level, server_cfg.num_tokenizers) as started:
+            return _serve_http(listener, *started, config)
     finally:
         listener.close()
 
@@ -145,33 +131,47 @@ def _serve_ranks(config: Config, nodes: Nodes, log_level: str) -> int:
     (status 0), one of them dies (1), or SIGINT/SIGTERM stops this node (0; node 0 then fails)."""
     source = resolve_model(config.engine.model, config.engine.dummy_weights)
     check_tp(config.engine, source, nodes.ranks_per_node)
+    log.info("node %d of %d: joining node 0 at %s", nodes.node_rank, nodes.nnodes, nodes.init_addr)
+    try:
+        with (
+            _engine_processes(config, nodes, source, log_level, 0) as (_, info, children),
+            _sigterm_interrupts(),
+        ):
+            log.info(
+                "node %d: rank(s) %s ready on %s (KV cache %s tokens); node 0 serves HTTP",
+                nodes.node_rank,
+                ", ".join(c.role.removeprefix("scheduler-") for c in children),
+                info.device.split(":")[0],
+                f"{info.kv_tokens:,}",
+            )
+            log.info("processes: %s", ", ".join(f"{c.role} (pid {c.process.pid})" for c in children))
+            return _wait_ranks(children)
+    except KeyboardInterrupt:
+        log.info("node %d: stopping", nodes.node_rank)
+        return 0
+
+
+@contextmanager
+def _engine_processes(
+    config: Config, nodes: Nodes, source: ModelSource, log_level: str, num_tokenizers: int
+) -> Iterator[tuple[IpcAddresses, Ready, list[_Child]]]:
+    """This node's scheduler ranks (lowest first) and `num_tokenizers` tokenizer workers, started and ready,
+    for the block: (their ZMQ addresses, the lowest rank's Ready, the processes). MinisglError if one fails
+    to start; all of them are stopped when the block ends."""
     with tempfile.TemporaryDirectory(prefix="minisgl-") as ipc_dir:
-        addresses = IpcAddresses.in_dir(ipc_dir, 0)  # only `ready` is used: these ranks talk to rank 0 only
+        addresses = IpcAddresses.in_dir(ipc_dir, num_tokenizers)
         ctx = zmq.Context()
         ready = ctx.socket(zmq.PULL)
         ready.bind(addresses.ready)
-        places = nodes.places(ipc_dir)
-        children = _spawn_ranks(config, source, addresses, log_level, places)
+        children = _spawn_ranks(config, source, addresses, log_level, nodes.places(ipc_dir))
+        if num_tokenizers:
+            vocab_size = int(source.hf_config["vocab_size"])
+            children += _spawn_tokenizers(config, source, vocab_size, addresses, log_level)
         try:
             with _sigterm_interrupts():
-                log.info(
-                    "node %d of %d: joining node 0 at %s", nodes.node_rank, nodes.nnodes, nodes.init_addr
-                )
                 info = _wait_ready(ready, children, engine_role=children[0].role)
-                ctx.destroy(linger=0)
-                ranks = ", ".join(str(place.rank) for place in places)
-                log.info(
-                    "node %d: rank(s) %s ready on %s (KV cache %s tokens); node 0 serves HTTP",
-                    nodes.node_rank,
-                    ranks,
-                    info.device.split(":")[0],
-                    f"{info.kv_tokens:,}",
-                )
-                log.info("processes: %s", ", ".join(f"{c.role} (pid {c.process.pid})" for c in children))
-                return _wait_ranks(children)
-        except KeyboardInterrupt:
-            log.info("node %d: stopping", nodes.node_rank)
-            return 0
+            ctx.destroy(linger=0)
+            yield addresses, info, children
         finally:
             _stop(children)
 

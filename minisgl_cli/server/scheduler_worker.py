@@ -70,8 +70,7 @@ def scheduler_main(
     with startup_failures(addresses.ready, rank.role):
         cfg, tp = join(cfg, rank.place)
         engine = build_engine(cfg, source, tp=tp)
-        requests = RequestTable(engine)
-        worker = SchedulerWorker(requests, addresses, max_queue) if tp.rank == 0 else None
+        worker = SchedulerWorker(RequestTable(engine), addresses, max_queue) if tp.rank == 0 else None
     runner = engine.runner
     report(
         addresses.ready,
@@ -108,7 +107,7 @@ def scheduler_main(
 @dataclass
 class _Tracked:
     req: Req
-    sent: int = 0  # generated tokens already sent to the request's tokenizer worker (rank 0 only)
+    sent: int = 0  # generated tokens already sent to the request's tokenizer worker
 
 
 class RequestTable:
