@@ -129,9 +129,8 @@ class LLM:
 
     def iter_outputs(self, prompts: Prompts, sampling: Sampling = None) -> Iterator[RequestOutput]:
         """Each request's output as soon as it finishes (completion order; `index` says which prompt)."""
-        for builder, _delta in self._run(prompts, sampling):
-            if builder.req.finished:
-                yield builder.output()
+        for builder, _delta in self._run(prompts, sampling, deltas=False):
+            yield builder.output()
 
     def stream(self, prompts: Prompts, sampling: Sampling = None) -> Iterator[tuple[int, str]]:
         """(prompt index, text delta) as text is produced; a request's deltas concatenate to its output text."""
@@ -148,8 +147,16 @@ class LLM:
 
     # ---- the loop
 
-    def _run(self, prompts: Prompts, sampling: Sampling) -> Iterator[tuple[OutputBuilder, str]]:
-        """Step the scheduler until this call's requests finish; (builder, text delta) per new token.
+    def _run(
+        self, prompts: Prompts, sampling: Sampling, *, deltas: bool = True
+    ) -> Iterator[tuple[OutputBuilder, str]]:
+        """Step the scheduler until this call's requests finish; (builder, text delta) per new token, or with
+        `deltas=False` once per request, when it finishes (its delta is then its whole text).
+
+        Without deltas a request's text is decoded once, at its end, unless it has stop strings, which must be
+        looked for as its text grows: detokenizing every request at every step would cost more host time than
+        the rest of a decode step (the same text either way: the detokenizer's deltas concatenate to the
+        decoding of all ids at once).
 
         A caller that stops iterating early aborts its remaining requests, so they free their KV pages.
         """
@@ -166,12 +173,16 @@ class LLM:
                     raise RuntimeError("the scheduler dropped requests it had not finished")
                 for req in self.scheduler.step():
                     builder = live[req.rid]
+                    if not (deltas or req.finished or builder.has_stop_strings):
+                        continue  # its text is decoded when it finishes
                     delta = builder.update()
                     if builder.stop_matched:
                         self.scheduler.finish(req, FinishReason.STOP)
                     if req.finished:
                         delta += builder.finish()
                         del live[req.rid]
+                    elif not deltas:
+                        continue
                     yield builder, delta
         finally:
             for builder in live.values():

@@ -87,6 +87,11 @@ class OutputBuilder:
         self._num_seen = 0  # generated tokens already detokenized
 
     @property
+    def has_stop_strings(self) -> bool:
+        """Whether its text must be checked for stop strings as it grows (else it can be decoded at the end)."""
+        return self._text is not None and bool(self.req.sampling.stop)
+
+    @property
     def stop_matched(self) -> bool:
         return self._text is not None and self._text.stop_matched
 
