@@ -160,6 +160,9 @@ class EngineConfig(_Section):
         256, "Largest decode batch captured in a CUDA graph (0: no graphs).", min=0
     )
     disable_overlap: bool = setting(False, "Run CPU scheduling and GPU compute one after the other.")
+    disable_mixed_steps: bool = setting(
+        False, "Run prefill chunks in steps of their own instead of beside the running requests' decoding."
+    )
     tp: int = setting(1, "Tensor-parallel degree (number of GPUs).", min=1)
 
 

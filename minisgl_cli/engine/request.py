@@ -169,13 +169,16 @@ class Req:
 class Batch:
     """What one step runs: each request feeds `extend_lens[i]` tokens from its `num_computed` on.
 
+    The first `num_prefill` rows are prefill chunks (a prompt, or a part of it); the others decode one token
+    each. A step of both kinds is a mixed step: decode rows ride along with a chunked prefill.
+
     `samples[i]` says whether request i samples a token this step: only when its chunk reaches the end of its
     tokens (a partial prefill chunk just fills the KV cache). Fixed at construction, before the step commits.
     """
 
     reqs: list[Req]
     extend_lens: list[int]
-    is_prefill: bool
+    num_prefill: int
     samples: list[bool] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -183,5 +186,14 @@ class Batch:
         self.samples = [r.num_computed + n == r.total_len for r, n in pairs]
 
     @property
+    def is_prefill(self) -> bool:
+        """Whether some row is a prefill chunk (the step is not a pure decode step)."""
+        return self.num_prefill > 0
+
+    @property
     def num_tokens(self) -> int:
         return sum(self.extend_lens)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(self.extend_lens[: self.num_prefill])

@@ -8,7 +8,11 @@ Picking a batch (`schedule()`), in order:
   2. else decode: one token for every running request. A request that needs a page when none is free
      preempts the newest running request: its pages are given back and it waits at the front of the queue
      with prompt + generated tokens as the prompt to recompute, so its output continues where it stopped.
-Prefill and decode tokens are not mixed in one step (simpler; the ForwardBatch allows mixing later).
+With mixed steps (`mixed=True`, the engine's default) the order is turned around and both kinds share a step:
+first every running request with one token to feed gets its page (preempting as above), then the prefill
+budget left after those decode tokens (at least a quarter of it) takes chunks as in 1. So no step runs a
+prefill alone while requests wait to decode: a long prompt arriving no longer stalls every stream for the
+length of its prefill, and the decode rows' weight reads are shared with the chunk's.
 
 Overlap scheduling (`overlap=True`, on by default on a GPU): a step is launched (inputs copied, forward and
 sampling queued on the device, the sampled ids' copy to pinned host memory started) and left in flight;
@@ -96,6 +100,7 @@ class Scheduler:
         eos_token_ids: list[int],
         random_seed: int = 0,
         overlap: bool = False,
+        mixed: bool = False,
         leader: RankLeader | None = None,
     ) -> None:
         self.runner = runner
@@ -104,6 +109,7 @@ class Scheduler:
         # Overlap the CPU's scheduling of a step with the device's running of the previous one. Off on the
         # CPU, where a step is synchronous anyway and overlap would only delay every token by a step.
         self.overlap = overlap
+        self.mixed = mixed  # decode rows ride along with prefill chunks (see the module docstring)
         self.cache = cache
         self.allocator = runner.allocator
         self.page_table = runner.page_table
@@ -248,15 +254,14 @@ class Scheduler:
 
         for req, n in zip(batch.reqs, batch.extend_lens, strict=True):
             req.num_computed += n
-        if batch.is_prefill:
-            self._tokens_prefilled += batch.num_tokens
-            # At launch rather than when processed: requests scheduled next (while this batch still runs)
-            # can reuse these pages, as without overlap; their K/V is written by this batch, which the
-            # device runs before any later step that reads them.
-            for req in batch.reqs:
-                self._cache_computed_pages(req)
-        else:
-            self._tokens_decoded += batch.num_tokens
+        prefilled = batch.num_prefill_tokens
+        self._tokens_prefilled += prefilled
+        self._tokens_decoded += batch.num_tokens - prefilled
+        # At launch rather than when processed: requests scheduled next (while this batch still runs) can
+        # reuse these pages, as without overlap; their K/V is written by this batch, which the device runs
+        # before any later step that reads them.
+        for req in batch.reqs[: batch.num_prefill]:
+            self._cache_computed_pages(req)
         for req in sampling_reqs:
             req.num_inflight += 1
         return InflightBatch(
@@ -316,12 +321,24 @@ class Scheduler:
 
     def schedule(self) -> Batch | None:
         self._steps += 1
-        return self._schedule_prefill() or self._schedule_decode()
+        if not self.mixed:
+            return self._schedule_prefill(self.max_prefill_tokens) or self._schedule_decode()
+        decode = self._schedule_decode()
+        num_decode = len(decode.reqs) if decode is not None else 0
+        # The decode rows share the step's token budget; a chunk keeps a quarter of it, so a large decode
+        # batch cannot hold admission back for good.
+        budget = max(self.max_prefill_tokens - num_decode, self.max_prefill_tokens // 4)
+        prefill = self._schedule_prefill(budget)
+        if prefill is None or decode is None:
+            return prefill or decode
+        # Admission never preempts, so every decode row is still running; prefill rows first (Batch.num_prefill).
+        return Batch(
+            prefill.reqs + decode.reqs, prefill.extend_lens + decode.extend_lens, num_prefill=len(prefill.reqs)
+        )
 
-    def _schedule_prefill(self) -> Batch | None:
+    def _schedule_prefill(self, budget: int) -> Batch | None:
         reqs: list[Req] = []
         lens: list[int] = []
-        budget = self.max_prefill_tokens
         # The first uncached tokens of every request this step computes (see _uncached_start).
         starts: set[tuple[int, ...]] = set()
         # Chunked prompts first: they already hold all the pages their prompt needs.
@@ -337,6 +354,8 @@ class Scheduler:
         deferred: list[Req] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             req = self.waiting[0]
+            if req.num_inflight:
+                break  # preempted by this very schedule() (mixed steps): back once its token is processed
             start = self._uncached_start(req, self._cached_len(req)) if self.cache.keeps_prefixes else ()
             if start and start in starts:
                 # Another request of this step computes the same uncached tokens: wait one step and read them
@@ -353,19 +372,45 @@ class Scheduler:
             if start:
                 starts.add(start)
         self.waiting.extendleft(reversed(deferred))
-        return Batch(reqs, lens, is_prefill=True) if reqs else None
+        return Batch(reqs, lens, num_prefill=len(reqs)) if reqs else None
 
     def _schedule_decode(self) -> Batch | None:
-        running = self.running
-        i = 0
-        while i < len(running):
-            if self._ends_in_flight(running[i]) or self._grow(running[i], running[i].total_len):
-                i += 1
-            else:
-                # Out of pages: the newest request gives its pages back (possibly running[i] itself).
-                self._preempt(running.pop())
-        reqs = [r for r in running if not self._ends_in_flight(r)]
-        return Batch(reqs, [1] * len(reqs), is_prefill=False) if reqs else None
+        """One token for every running request that has exactly one to feed (not a prompt still being
+        chunked) and is not ending with its token in flight."""
+        reqs = self._decoding()
+        if not self._grow_all(reqs):
+            running = self.running
+            i = 0
+            while i < len(running):
+                if self._ends_in_flight(running[i]) or self._grow(running[i], running[i].total_len):
+                    i += 1
+                else:
+                    # Out of pages: the newest request gives its pages back (possibly running[i] itself).
+                    self._preempt(running.pop())
+            reqs = self._decoding()
+        return Batch(reqs, [1] * len(reqs), num_prefill=0) if reqs else None
+
+    def _decoding(self) -> list[Req]:
+        return [r for r in self.running if r.num_pending == 1 and not self._ends_in_flight(r)]
+
+    def _grow_all(self, reqs: list[Req]) -> bool:
+        """Give every request the pages its next token needs, in one allocation, when free pages suffice
+        without evicting cached ones; False (nothing taken) otherwise. The common decode step: a page per
+        request per step at page size 1, so one allocation instead of one per request. The pages go out in
+        the order per-request allocation would give them."""
+        ps = self.allocator.page_size
+        short = [(r, -(-r.total_len // ps) - len(r.pages)) for r in reqs]
+        short = [(r, n) for r, n in short if n > 0]
+        need = sum(n for _, n in short)
+        if need > self.allocator.num_free:
+            return False
+        pages = self.allocator.alloc(need)
+        assert pages is not None
+        at = 0
+        for req, n in short:
+            req.pages += pages[at : at + n]
+            at += n
+        return True
 
     @staticmethod
     def _ends_in_flight(req: Req) -> bool:

@@ -20,7 +20,7 @@ from minisgl_cli.engine.forward_batch import ForwardBatch
 from minisgl_cli.engine.host_copy import to_device
 from minisgl_cli.engine.kv.allocator import PageAllocator
 from minisgl_cli.engine.kv.page_table import PageTable
-from minisgl_cli.engine.request import Batch
+from minisgl_cli.engine.request import Batch, Req
 
 
 @dataclass
@@ -55,27 +55,40 @@ def prepare_step(
     logits_indices: list[int] = []
     fill_at: list[int] = []  # indices into input_ids that take an in-flight token...
     fill_from: list[int] = []  # ...from these rows of prev_ids
+    ps = allocator.page_size
     num_tokens = 0
     for i, (req, n) in enumerate(zip(batch.reqs, batch.extend_lens, strict=True)):
         start, end = req.num_computed, req.num_computed + n
-        slots = allocator.slots(req.pages, req.num_mapped, end)
-        map_rows += [req.row] * len(slots)
-        map_positions += range(req.num_mapped, end)
-        map_slots += slots
+        if n == 1 and req.num_mapped == start:
+            # A decode token whose row is mapped up to it (nearly every row of a decode step): one slot, one
+            # id, without the general case's slices; this loop is per request per step.
+            slot = req.pages[start // ps] * ps + start % ps
+            map_rows.append(req.row)
+            map_positions.append(start)
+            map_slots.append(slot)
+            out_slots.append(slot)
+            positions.append(start)
+            if start < len(req.token_ids):
+                input_ids.append(req.token_ids[start])
+            else:
+                fill_at.append(num_tokens)
+                fill_from.append(_inflight_row(req, i, prev_ids, prev_rows))
+                input_ids.append(0)
+        else:
+            slots = allocator.slots(req.pages, req.num_mapped, end)
+            map_rows += [req.row] * len(slots)
+            map_positions += range(req.num_mapped, end)
+            map_slots += slots
+            input_ids += req.token_ids[start:end]
+            if req.num_inflight and end > req.seq_len:
+                # The in-flight token is always the sequence's last, so the chunk's last: a placeholder here,
+                # overwritten on the device below.
+                fill_at.append(num_tokens + n - 1)
+                fill_from.append(_inflight_row(req, i, prev_ids, prev_rows))
+                input_ids.append(0)
+            positions += range(start, end)
+            out_slots += slots[len(slots) - n :]
         req.num_mapped = end
-        input_ids += req.token_ids[start:end]
-        if req.num_inflight and end > req.seq_len:
-            # The in-flight token is always the sequence's last, so the chunk's last: a placeholder here,
-            # overwritten on the device below.
-            if prev_ids is None or not prev_rows or prev_rows[i] < 0:
-                raise RuntimeError(
-                    f"request {req.rid} feeds a token in flight but no in-flight row was given"
-                )
-            fill_at.append(num_tokens + n - 1)
-            fill_from.append(prev_rows[i])
-            input_ids.append(0)
-        positions += range(start, end)
-        out_slots += slots[len(slots) - n :]
         seq_lens.append(end)
         num_tokens += n
         logits_indices.append(num_tokens - 1)
@@ -101,3 +114,10 @@ def prepare_step(
         extend_lens_cpu=list(batch.extend_lens),
     )
     return StepInputs(forward_batch=forward_batch, sample_rows=None if sample_rows is None else views[10])
+
+
+def _inflight_row(req: Req, i: int, prev_ids: torch.Tensor | None, prev_rows: Sequence[int]) -> int:
+    """The row of the step in flight's sampled ids that holds `req`'s (batch row `i`) last token."""
+    if prev_ids is None or not prev_rows or prev_rows[i] < 0:
+        raise RuntimeError(f"request {req.rid} feeds a token in flight but no in-flight row was given")
+    return prev_rows[i]
