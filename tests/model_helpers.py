@@ -219,7 +219,7 @@ class Driver:
             seq_lens_cpu=seq_lens,
             extend_lens_cpu=extend_lens,
         )
-        return self.runner.forward(batch).cpu()
+        return self.runner.forward(batch).float().cpu()
 
 
 def small_runner(path: Path | None, config: ModelConfig | None = None, **overrides: Any) -> ModelRunner:

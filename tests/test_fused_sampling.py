@@ -1,5 +1,5 @@
-"""The Triton Gumbel-max kernel against the sampler's PyTorch draw (same hash, so the same tokens), and its
-token frequencies against softmax(logits / T). CUDA only."""
+"""The Triton Gumbel-max kernel against the sampler's PyTorch draw (same hash, computed in the kernel from the
+seeds and steps, so the same tokens), and its token frequencies against softmax(logits / T). CUDA only."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ pytestmark = [
 ]
 
 
-def _keys(n: int, seed: int) -> torch.Tensor:
+def _seed_steps(n: int, seed: int) -> torch.Tensor:
+    """[n, 3] (seed low, seed high, step), as a strided view like RandomRows.seed_steps."""
     g = torch.Generator().manual_seed(seed)
     seeds = torch.randint(0, 2**32, (n, 2), generator=g, dtype=torch.int64)
-    steps = torch.randint(0, 5000, (n,), generator=g, dtype=torch.int64)
-    return row_keys(seeds, steps).cuda()
+    steps = torch.randint(0, 5000, (n, 1), generator=g, dtype=torch.int64)
+    return torch.cat([torch.zeros(n, 1, dtype=torch.int64), seeds, steps], dim=1).cuda()[:, 1:]
 
 
 @pytest.mark.parametrize("vocab", [384, 49152, 151936])
@@ -29,10 +30,10 @@ def test_fused_draw_picks_the_pytorch_draws_token(vocab: int) -> None:
     rows = 64
     logits = torch.randn(rows, vocab, device="cuda") * 3
     temps = torch.rand(rows, 1, device="cuda") * 1.5 + 0.1
-    keys = _keys(rows, vocab)
-    u = seeded_uniform(keys, vocab)
+    seed_steps = _seed_steps(rows, vocab)
+    u = seeded_uniform(row_keys(seed_steps[:, :2], seed_steps[:, 2]), vocab)
     want = (logits / temps - (-u.log()).log()).argmax(-1)
-    got = gumbel_argmax(logits, keys, temps)
+    got = gumbel_argmax(logits, seed_steps, temps)
     assert (got == want).float().mean().item() == 1.0
 
 
@@ -42,7 +43,7 @@ def test_fused_draw_frequencies_follow_the_softmax() -> None:
     vocab, rows = 8, 200_000
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -2.0, 0.3, 1.5], device="cuda").expand(rows, vocab)
     temps = torch.full((rows, 1), 0.7, device="cuda")
-    tokens = gumbel_argmax(logits, _keys(rows, 1), temps)
+    tokens = gumbel_argmax(logits, _seed_steps(rows, 1), temps)
     freq = torch.bincount(tokens, minlength=vocab).double() / rows
     want = (logits[0].double() / 0.7).softmax(-1)
     assert (freq - want).abs().max().item() < 5e-3  # 200k draws: the standard error is below 1.2e-3

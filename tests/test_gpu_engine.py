@@ -190,9 +190,19 @@ def test_radix_cache_on_and_off_give_the_same_tokens(model_dir: Path) -> None:
     assert first[0] == outs[0].token_ids
 
 
-def test_a_model_too_large_for_the_gpu_is_a_clear_error() -> None:
+def test_a_model_too_large_for_the_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    """Llama-3.1-70B's layers, repeated until the bf16 weights are twice the GPU's whole memory, whatever GPU
+    this runs on (70B alone fits a 141 GB H200)."""
+    import json
+
+    from minisgl_cli.engine.models.shapes import BUILTIN_SHAPES
+
+    config = dict(BUILTIN_SHAPES["llama-3.1-70b"])
+    total = torch.cuda.mem_get_info()[1]
+    config["num_hidden_layers"] = 80 * (-(-2 * total // int(141e9)))
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(MinisglError, match="weights need .* GiB but only .* GiB is free"):
-        LLM("llama-3.1-70b", dummy_weights=True, device="cuda", dtype="bfloat16")
+        LLM(str(tmp_path), dummy_weights=True, device="cuda", dtype="bfloat16")
 
 
 def test_a_mem_fraction_too_small_for_the_weights_is_a_clear_error() -> None:

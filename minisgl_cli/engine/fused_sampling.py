@@ -29,11 +29,18 @@ def _mix32(x):
     return x
 
 
-@triton.jit
-def _gumbel_argmax_kernel(logits_ptr, stride, keys_ptr, temp_ptr, out_ptr, vocab_size, BLOCK: tl.constexpr):
+# seed_steps is a view at an offset into the step's parameters; temperatures may be one too.
+@triton.jit(do_not_specialize_on_alignment=["seed_steps_ptr", "temp_ptr"])
+def _gumbel_argmax_kernel(
+    logits_ptr, stride, seed_steps_ptr, seed_stride, temp_ptr, out_ptr, vocab_size, BLOCK: tl.constexpr
+):
     row = tl.program_id(0)
-    k1 = tl.load(keys_ptr + row * 2).to(tl.uint32)
-    k2 = tl.load(keys_ptr + row * 2 + 1).to(tl.uint32)
+    # sampling.row_keys, in registers (the PyTorch code spends a few dozen kernel launches on it).
+    lo = tl.load(seed_steps_ptr + row * seed_stride).to(tl.uint32)
+    hi = tl.load(seed_steps_ptr + row * seed_stride + 1).to(tl.uint32)
+    step = tl.load(seed_steps_ptr + row * seed_stride + 2).to(tl.uint32)
+    k1 = _mix32(_mix32(_mix32(lo) ^ hi) ^ step)
+    k2 = _mix32(k1 ^ 0x5BD1E995)
     temp = tl.load(temp_ptr + row)
     best = tl.full((BLOCK,), float("-inf"), tl.float32)
     best_idx = tl.zeros((BLOCK,), tl.int32)
@@ -55,14 +62,24 @@ def _gumbel_argmax_kernel(logits_ptr, stride, keys_ptr, temp_ptr, out_ptr, vocab
     tl.store(out_ptr + row, idx.to(tl.int64))
 
 
-def gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-    """argmax(logits / T + Gumbel(hash(keys, token id))) per row: logits [S, V] float32, keys [S, 2] int64,
-    temperatures [S, 1] float32 -> token ids [S] int64."""
+def gumbel_argmax(logits: torch.Tensor, seed_steps: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """argmax(logits / T + Gumbel(hash(row_keys(seed, step), token id))) per row: logits [S, V] float32,
+    seed_steps [S, 3] int64 (seed's low and high 32 bits, step; rows may be strided), temperatures [S, 1]
+    float32 -> token ids [S] int64."""
     rows, vocab = logits.shape
     logits = logits.contiguous()
+    if seed_steps.stride(1) != 1:
+        seed_steps = seed_steps.contiguous()
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     temps = temperatures.reshape(-1).contiguous()
     _gumbel_argmax_kernel[(rows,)](
-        logits, logits.stride(0), keys.contiguous(), temps, out, vocab, BLOCK=_BLOCK
+        logits, logits.stride(0), seed_steps, seed_steps.stride(0), temps, out, vocab, BLOCK=_BLOCK
     )
     return out
+
+
+def warm_up(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile the kernel now (about a second, once per process) rather than in the first sampled step."""
+    logits = torch.zeros(1, vocab_size, dtype=dtype, device=device)
+    seed_steps = torch.zeros(1, 4, dtype=torch.int64, device=device)[:, 1:]
+    gumbel_argmax(logits, seed_steps, torch.ones(1, 1, device=device))

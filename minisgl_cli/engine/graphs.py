@@ -56,7 +56,7 @@ class CudaGraphRunner:
         return batch.is_decode and batch.batch_size <= self.max_batch_size
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """The step's float32 logits [B, vocab], by replaying the smallest graph that holds the batch."""
+        """The step's logits [B, vocab], by replaying the smallest graph that holds the batch."""
         n = batch.batch_size
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.input_ids[:n].copy_(batch.input_ids)

@@ -95,10 +95,16 @@ class ModelRunner:
             decode_kernel=decode_kernel,
         )
         self.graphs = self._capture_graphs(min(cuda_graph_max_bs, max_running_requests), max_context_len)
+        if device.type == "cuda":
+            # The sampler's Triton kernel compiles on first use: here, not inside the first sampled step
+            # (a second's stall of every request, and of any benchmark whose warm-up is greedy).
+            from minisgl_cli.engine.fused_sampling import warm_up
+
+            warm_up(model_config.vocab_size, dtype, device)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Float32 logits [B, vocab] of each sequence's last new token."""
+        """Logits [B, vocab] of each sequence's last new token, in the model's dtype."""
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         self.attn.prepare(batch)

@@ -12,7 +12,8 @@ API
     (overlap scheduling), so a token's draw does not depend on the mode. ``penalty_states[i]``: the request's
     `PenaltyState` (engine/penalties.py), required for rows with a penalty, ignored for the others.
 ``sample(logits, sb) -> SampleOutput``
-    logits: [B, V] float32 of each row's last token. No host sync; returns device tensors.
+    logits: [B, V] of each row's last token (float32, or the model's half-precision dtype). No host sync;
+    returns device tensors.
 ``SamplingBatch.commit(token_ids)``
     After sampling, counts the sampled ids into the penalised rows' states (a no-op without penalties).
 ``SampleOutput.to_host() -> list[SampledToken]``
@@ -111,7 +112,7 @@ class RandomRows:
     """The rows that sample (temperature > 0, top_k != 1) and their per-row parameters."""
 
     rows: torch.Tensor | None  # [S] int64 batch rows; None means every row
-    keys: torch.Tensor  # [S, 2] int64, see row_keys
+    seed_steps: torch.Tensor  # [S, 3] int64: seed's low and high 32 bits, step (the hash's inputs)
     temperatures: torch.Tensor  # [S, 1] float32
     top_ks: torch.Tensor | None  # [S, 1] int64; None when no row uses top_k
     top_ps: torch.Tensor | None  # [S, 1] float32; None when no row uses top_p
@@ -142,12 +143,18 @@ class RandomRows:
         )
         return cls(
             rows=None if len(rows) == batch_size else to_device(rows, torch.int64, device),
-            keys=row_keys(ints[:, 1:3], ints[:, 3]),
+            seed_steps=ints[:, 1:4],
             temperatures=floats[:, 0:1],
             top_ks=ints[:, 0:1] if any(p.top_k > 0 for p in params) else None,
             top_ps=floats[:, 1:2] if any(p.top_p < 1.0 for p in params) else None,
             min_ps=floats[:, 2:3].log() if any(p.min_p > 0.0 for p in params) else None,
         )
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """[S, 2] int64 hash keys (row_keys), computed when asked: a few dozen small ops, which the fused
+        draw does in its kernel instead."""
+        return row_keys(self.seed_steps[:, 0:2], self.seed_steps[:, 2])
 
     def filter(self, logits: torch.Tensor) -> torch.Tensor:
         """Temperature-scaled logits [S, V] with the tokens top_k / top_p / min_p drop set to -inf."""
@@ -173,12 +180,13 @@ class RandomRows:
     def draw(self, logits: torch.Tensor) -> torch.Tensor:
         """Gumbel-max draw of one token id per row from the filtered distribution."""
         if logits.is_cuda and self.top_ks is None and self.top_ps is None and self.min_ps is None:
-            # Temperature only: one fused pass over the logits, the same hash and token (fused_sampling.py).
+            # Temperature only: one fused pass over the logits (any float dtype, read as float32), the same
+            # hash and token (fused_sampling.py).
             from minisgl_cli.engine.fused_sampling import gumbel_argmax
 
-            return gumbel_argmax(logits, self.keys, self.temperatures)
+            return gumbel_argmax(logits, self.seed_steps, self.temperatures)
         u = seeded_uniform(self.keys, logits.shape[1])
-        return (self.filter(logits) - (-u.log()).log()).argmax(dim=-1)
+        return (self.filter(logits.float()) - (-u.log()).log()).argmax(dim=-1)
 
 
 @dataclass
@@ -300,10 +308,11 @@ def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
-    """One token per row of logits [B, V] under the batch's parameters; no host sync."""
-    logits = logits.float()
+    """One token per row of logits [B, V] (any float dtype; the arithmetic is float32) under the batch's
+    parameters; no host sync. A greedy row's argmax reads the logits as they are: widening to float32 is
+    exact, so it picks the same token."""
     if sb.penalties is not None:
-        logits = sb.penalties.apply(logits)
+        logits = sb.penalties.apply(logits.float())
     random = sb.random
     if random is None:
         token_ids = logits.argmax(dim=-1)
@@ -313,7 +322,7 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
         token_ids = logits.argmax(dim=-1).index_copy(0, random.rows, random.draw(logits[random.rows]))
     if sb.max_top_logprobs is None:
         return SampleOutput(token_ids, None, None, None, sb.num_top_logprobs)
-    logp = logits.log_softmax(dim=-1)
+    logp = logits.float().log_softmax(dim=-1)
     chosen = logp.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     top_ids = top_lps = None
     if sb.max_top_logprobs > 0:

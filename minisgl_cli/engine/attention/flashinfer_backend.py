@@ -89,12 +89,12 @@ class FlashInferBackend(AttentionBackend):
         self._graph_wrappers: dict[int, object] = {}
         self._graph_indices: torch.Tensor | None = None
         self._active: object = self.decode_wrapper
-        self._out_slots = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.out_slots = torch.empty(0, dtype=torch.int64, device=self.device)
 
     # ---- per step
 
     def prepare(self, batch: ForwardBatch) -> None:
-        self._out_slots = batch.out_slots
+        self.out_slots = batch.out_slots
         indptr, indices, last_len = self._pages(batch)
         if batch.is_decode:
             self._plan_decode(self.decode_wrapper, indptr, indices, last_len)
@@ -106,8 +106,7 @@ class FlashInferBackend(AttentionBackend):
         )
         self._active = self.prefill_wrapper
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
-        self.kv_pool.store(layer_id, self._out_slots, k, v)
+    def attend(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
         shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)
         kv = (self.kv_pool.k(layer_id).view(shape), self.kv_pool.v(layer_id).view(shape))
         return self._active.run(q.contiguous(), kv)  # type: ignore[attr-defined]
@@ -137,7 +136,7 @@ class FlashInferBackend(AttentionBackend):
         indices = torch.full((batch_size,), PADDING_PAGE, dtype=torch.int32, device=self.device)
         self._plan_decode(wrapper, indptr, indices, torch.ones(batch_size, dtype=torch.int32))
         self._active = wrapper
-        self._out_slots = out_slots
+        self.out_slots = out_slots
 
     def prepare_replay(self, batch: ForwardBatch, batch_size: int, out_slots: torch.Tensor) -> None:
         """Plan the graph wrapper of `batch_size` (>= the batch's size) for `batch`; the padding sequences
@@ -151,7 +150,7 @@ class FlashInferBackend(AttentionBackend):
         wrapper = self._graph_wrappers[batch_size]
         self._plan_decode(wrapper, indptr, indices, last_len)
         self._active = wrapper
-        self._out_slots = out_slots
+        self.out_slots = out_slots
 
     # ---- helpers
 

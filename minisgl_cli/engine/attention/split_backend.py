@@ -21,5 +21,9 @@ class SplitBackend(AttentionBackend):
         self._active = self.decode_backend if batch.is_decode else self.prefill_backend
         self._active.prepare(batch)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
-        return self._active.forward(q, k, v, layer_id)
+    @property  # type: ignore[override]
+    def out_slots(self) -> torch.Tensor:
+        return self._active.out_slots
+
+    def attend(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
+        return self._active.attend(q, layer_id)

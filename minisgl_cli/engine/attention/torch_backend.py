@@ -38,7 +38,7 @@ class _Group:
 
 class TorchBackend(AttentionBackend):
     def prepare(self, batch: ForwardBatch) -> None:
-        self._out_slots = batch.out_slots
+        self.out_slots = batch.out_slots
         extend = batch.extend_lens_cpu
         if len(set(extend)) == 1:
             # Pure decode (or equal-length chunks): no padding, so the padded output is the output.
@@ -48,8 +48,7 @@ class TorchBackend(AttentionBackend):
         prefill = [i for i, n in enumerate(extend) if n > 1]
         self._groups = [self._group(batch, seqs, in_order=False) for seqs in (prefill, decode) if seqs]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
-        self.kv_pool.store(layer_id, self._out_slots, k, v)
+    def attend(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
         k_cache, v_cache = self.kv_pool.k(layer_id), self.kv_pool.v(layer_id)
         out = None if self._groups[0].token_index is None else torch.empty_like(q)
         for g in self._groups:

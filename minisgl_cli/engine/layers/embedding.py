@@ -49,8 +49,10 @@ class Embedding(VocabParallel):
 
 
 class LMHead(VocabParallel):
-    """Hidden states -> float32 logits over the whole vocab on every rank (each computes its rows' logits,
-    then they are gathered). With `tied_to`, it reuses that embedding's weight, shard and all."""
+    """Hidden states -> logits over the whole vocab on every rank (each computes its rows' logits, then they
+    are gathered), in the activations' dtype: the GEMM rounds to it anyway, so a float32 copy would hold no
+    more information and cost a pass over [B, vocab] (the sampler reads either). With `tied_to`, it reuses
+    that embedding's weight, shard and all."""
 
     def __init__(
         self, vocab_size: int, hidden_size: int, tp: TPGroup, tied_to: Embedding | None = None
@@ -59,4 +61,4 @@ class LMHead(VocabParallel):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
-        return logits[..., : self.vocab_size].float()
+        return logits[..., : self.vocab_size]

@@ -17,6 +17,7 @@ from torch import nn
 from minisgl_cli.engine.attention.base import AttentionBackend
 from minisgl_cli.engine.distributed import TPGroup
 from minisgl_cli.engine.forward_batch import ForwardBatch
+from minisgl_cli.engine.fused_rope_store import can_fuse, qkv_rope_store
 from minisgl_cli.engine.layers.activation import silu_and_mul
 from minisgl_cli.engine.layers.embedding import Embedding, LMHead
 from minisgl_cli.engine.layers.linear import MergedLinear, RowParallelLinear
@@ -46,7 +47,27 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attn: AttentionBackend
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
+        qkv = self.qkv_proj(x)
+        if can_fuse(qkv, self.head_dim, attn.kv_pool.dtype):
+            # One kernel for the norms, rope, q's layout and the K/V store (fused_rope_store.py).
+            norm = None
+            if self.q_norm is not None and self.k_norm is not None:
+                norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+            q = qkv_rope_store(
+                qkv,
+                positions,
+                rope.cos_sin,
+                num_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim,
+                slots=attn.out_slots,
+                k_cache=attn.kv_pool.k(self.layer_id),
+                v_cache=attn.kv_pool.v(self.layer_id),
+                q_norm=norm,
+            )
+            o = attn.attend(q, self.layer_id)
+            return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
+        q, k, v = qkv.split(self.qkv_proj.out_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -132,6 +153,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tp, tied_to=tied_to)
 
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        """Float32 logits [B, vocab] of each sequence's last new token (the lm head runs on those rows only)."""
+        """Logits [B, vocab] (activation dtype) of each sequence's last new token (the lm head runs on those rows
+        only)."""
         hidden = self.model(batch, attn)
         return self.lm_head(hidden[batch.logits_indices])
