@@ -6,6 +6,7 @@
 #   scripts/bench_gpu.sh decode      the decode-kernel ablation alone (tensor cores against CUDA cores)
 #   scripts/bench_gpu.sh serve [M]   serve M (default qwen3-8b): a streamed chat reply, bench serve, then bench
 #                                    offline on the same engine settings, for comparison
+#   scripts/bench_gpu.sh serve-mixed bench serve against serve (qwen3-8b, 64 in flight) with and without mixed steps
 #   scripts/bench_gpu.sh tp          two GPUs: offline qwen3-8b at --tp 1 and 2, latency llama-3.1-8b at both
 #   scripts/bench_gpu.sh tp4         four GPUs: llama-3.1-70b at --tp 4, latency b1/b32 and offline
 #
@@ -65,6 +66,27 @@ PY
     mini bench serve --url "http://127.0.0.1:$port" --json "$out/serve_$model.json" 2>&1 | tail -22
     kill -TERM $pid; wait $pid; echo "serve exit status $?"
     mini bench offline --dummy-weights -m "$model" --json "$out/offline_${model}_serve-run.json" 2>&1 | tail -4
+    ;;
+  serve-mixed)
+    # Issue 16: bench serve against serve, qwen3-8b, 64 in flight, 256 requests, with mixed steps (the default)
+    # and without (--disable-mixed-steps), one after the other in the same call; TTFT and ITL summaries.
+    port=18201
+    for flags in "" "--disable-mixed-steps"; do
+      name="mixed"; [ -n "$flags" ] && name="unmixed"
+      python3 -m minisgl_cli serve --dummy-weights -m qwen3-8b --port $port $flags > "$out/serve_$name.log" 2>&1 &
+      pid=$!
+      python3 scripts/wait_healthy.py $port || { kill $pid; exit 1; }
+      mini bench serve --url "http://127.0.0.1:$port" --max-concurrency 64 --num-prompts 256 \
+        --json "$out/serve_qwen3-8b_$name.json" > "$out/serve_bench_$name.txt" 2>&1
+      kill -TERM $pid; wait $pid
+      python3 - "$out/serve_qwen3-8b_$name.json" "$name" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["results"][0]
+t, i = r["ttft"], r["itl"]
+print(f"{sys.argv[2]}: {r['completed']}/{r['num_requests']} done, {r['output_tokens'] / r['elapsed_s']:,.0f} output tok/s; TTFT p50 {t['median_ms']:.0f} ms p99 "
+      f"{t['p99_ms']:.0f} ms; ITL p50 {i['median_ms']:.1f} ms p99 {i['p99_ms']:.1f} ms")
+PY
+    done
     ;;
   tp)
     for tp in 1 2; do
