@@ -160,8 +160,9 @@ class EngineConfig(_Section):
         256, "Largest decode batch captured in a CUDA graph (0: no graphs).", min=0
     )
     disable_overlap: bool = setting(False, "Run CPU scheduling and GPU compute one after the other.")
-    disable_mixed_steps: bool = setting(
-        False, "Run prefill chunks in steps of their own instead of beside the running requests' decoding."
+    mixed_steps: bool = setting(
+        False,
+        "Decode the running requests in the same steps as prefill chunks (off: prefill steps run alone).",
     )
     tp: int = setting(1, "Tensor-parallel degree (number of GPUs).", min=1)
 

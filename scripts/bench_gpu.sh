@@ -68,11 +68,11 @@ PY
     mini bench offline --dummy-weights -m "$model" --json "$out/offline_${model}_serve-run.json" 2>&1 | tail -4
     ;;
   serve-mixed)
-    # Issue 16: bench serve against serve, qwen3-8b, 64 in flight, 256 requests, with mixed steps (the default)
-    # and without (--disable-mixed-steps), one after the other in the same call; TTFT and ITL summaries.
+    # Issue 16: bench serve against serve, qwen3-8b, 64 in flight, 256 requests, with mixed steps (--mixed-steps)
+    # and without (the default), one after the other in the same call; TTFT and ITL summaries.
     port=18201
-    for flags in "" "--disable-mixed-steps"; do
-      name="mixed"; [ -n "$flags" ] && name="unmixed"
+    for flags in "--mixed-steps" ""; do
+      name="unmixed"; [ -n "$flags" ] && name="mixed"
       python3 -m minisgl_cli serve --dummy-weights -m qwen3-8b --port $port $flags > "$out/serve_$name.log" 2>&1 &
       pid=$!
       python3 scripts/wait_healthy.py $port || { kill $pid; exit 1; }
@@ -82,9 +82,9 @@ PY
       python3 - "$out/serve_qwen3-8b_$name.json" "$name" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))["results"][0]
-t, i = r["ttft"], r["itl"]
-print(f"{sys.argv[2]}: {r['completed']}/{r['num_requests']} done, {r['output_tokens'] / r['elapsed_s']:,.0f} output tok/s; TTFT p50 {t['median_ms']:.0f} ms p99 "
-      f"{t['p99_ms']:.0f} ms; ITL p50 {i['median_ms']:.1f} ms p99 {i['p99_ms']:.1f} ms")
+print(f"{sys.argv[2]}: {r['completed']}/{r['num_requests']} done, {r['output_tok_per_s']:,.0f} output tok/s; "
+      f"TTFT p50 {r['median_ttft_ms']:.0f} ms p99 {r['p99_ttft_ms']:.0f} ms; "
+      f"ITL p50 {r['median_itl_ms']:.1f} ms p99 {r['p99_itl_ms']:.1f} ms")
 PY
     done
     ;;

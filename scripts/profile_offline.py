@@ -149,7 +149,9 @@ def main() -> None:
     if cuda:
         gpu_ms = [b.elapsed_time(e) for b, e in marks]
         summary["steps_gpu"] = [[*shape, round(ms, 4)] for shape, ms in zip(shapes, gpu_ms, strict=True)]
-        decode = [(rows, kv, ms) for (kind, rows, _, kv), ms in zip(shapes, gpu_ms, strict=True) if kind == "decode"]
+        decode = [
+            (rows, kv, ms) for (kind, rows, _, kv), ms in zip(shapes, gpu_ms, strict=True) if kind == "decode"
+        ]
         if len(decode) > 3:
             import numpy as np
 

@@ -314,6 +314,20 @@ def test_tiny_model_chunked_prefill_preemption_and_prefix_reuse(tiny: Path) -> N
     assert [o.usage.cached_tokens for o in plain] == [o.usage.cached_tokens for o in over] == [0, 0, 37, 0, 0]
 
 
+def test_tiny_model_mixed_steps_give_the_same_tokens(tiny: Path) -> None:
+    """A real model through the torch backend's two groups (decode rows and prefill chunks in one step):
+    mixed steps, with overlap off and on, under chunking and preemption, equal the unmixed engine."""
+    prompts = [[(7 * j + i) % 370 + 5 for j in range(9 + 5 * i)] for i in range(5)]
+    params = [greedy(10 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
+    runs = []
+    for mixed in (False, True):
+        llm = LLM(str(tiny), kv_cache_tokens=96, max_running_requests=4, max_prefill_tokens=16, page_size=1,
+                  mixed_steps=mixed)  # fmt: skip
+        runs += [[o.token_ids for o in outs] for outs in generate_both(llm, prompts, params)]
+        assert llm.scheduler.stats().num_preemptions > 0
+    assert runs[0] == runs[1] == runs[2] == runs[3]
+
+
 # ---- the embedded SmolLM2: stop strings, which the LLM ends with finish() while a token is in flight
 
 

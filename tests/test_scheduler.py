@@ -59,9 +59,11 @@ def greedy(n: int, **kw: object) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, **kw)  # type: ignore[arg-type]
 
 
-def make(runner: FakeRunner, max_prefill_tokens: int = 64, eos: tuple[int, ...] = (EOS,)) -> Scheduler:
+def make(
+    runner: FakeRunner, max_prefill_tokens: int = 64, eos: tuple[int, ...] = (EOS,), mixed: bool = False
+) -> Scheduler:
     return Scheduler(runner, NaiveCache(runner.allocator.page_size), max_prefill_tokens=max_prefill_tokens,
-                     eos_token_ids=list(eos))  # fmt: skip
+                     eos_token_ids=list(eos), mixed=mixed)  # fmt: skip
 
 
 def check_accounting(s: Scheduler) -> None:
@@ -287,3 +289,78 @@ def test_longest_cached_prefix_is_admitted_first_unless_another_waited_too_long(
         assert order == [other.rid, partial.rid, full.rid]
     for req in (other, partial, full):
         assert req.output_ids == reference(req.prompt_ids, 3)
+
+
+def test_mixed_steps_step_by_step() -> None:
+    # A 10-token budget: A (6 tokens) and the first 4 of B (9 tokens) in step 1; then A decodes beside B's
+    # next chunk, which the decode row leaves 9 tokens of the budget.
+    runner = FakeRunner(num_pages=60, page_size=1)
+    s = make(runner, max_prefill_tokens=10, mixed=True)
+    a = s.add(list(range(1, 7)), greedy(4, ignore_eos=True))
+    b = s.add(list(range(11, 20)), greedy(3, ignore_eos=True))
+    c = s.add([7, 8], greedy(2, ignore_eos=True))
+    expected = [
+        ([(0, 6), (1, 4)], 2),  # prefill only: nothing decodes yet
+        ([(1, 5), (2, 2), (0, 1)], 2),  # B's last chunk and C (7 of the 9 left) beside A's decode row
+        ([(0, 1), (1, 1), (2, 1)], 0),  # decode only
+    ]
+    for want_plan, num_prefill in expected:
+        batch = s.schedule()
+        assert plan(batch) == want_plan
+        assert batch is not None and batch.num_prefill == num_prefill
+        s.run_batch(batch)
+        check_accounting(s)
+    run_all(s)
+    for req in (a, b, c):
+        assert req.output_ids == reference(req.prompt_ids, req.sampling.max_tokens)
+    stats = s.stats()
+    assert stats.tokens_prefilled == 6 + 9 + 2
+    assert stats.tokens_decoded == stats.tokens_generated - 3  # every token but each prompt's first
+
+
+@pytest.mark.parametrize("num_pages", [200, 14])
+def test_mixed_steps_give_the_unmixed_tokens_under_preemption(num_pages: int) -> None:
+    prompts = [[5, 6, 7, 8], [1, 2, 3], [9, 9, 9, 9, 9], [4, 4]]
+    outs = []
+    for mixed in (False, True):
+        runner = FakeRunner(num_pages=num_pages, page_size=1)
+        s = make(runner, max_prefill_tokens=4, mixed=mixed)
+        reqs = [s.add(p, greedy(6, ignore_eos=True)) for p in prompts]
+        mixed_steps = 0
+        while s.has_work:
+            batch = s.schedule()
+            assert batch is not None
+            if 0 < batch.num_prefill < len(batch.reqs):
+                mixed_steps += 1
+                # The decode rows count against the budget; a chunk keeps at least a quarter of it.
+                assert batch.num_prefill_tokens <= max(4 - (len(batch.reqs) - batch.num_prefill), 1)
+            s.run_batch(batch)
+            check_accounting(s)
+        assert (mixed_steps > 0) == mixed
+        outs.append([r.output_ids for r in reqs])
+    assert outs[0] == outs[1] == [reference(p, 6) for p in prompts]
+
+
+def test_mixed_steps_with_overlap_preempt_requests_whose_token_is_in_flight() -> None:
+    from minisgl_cli.engine.kv.radix_cache import RadixCache
+
+    # Overlap and preemption together: a request preempted by a schedule() may still have its token in flight;
+    # it waits (is not admitted by that same schedule()) and continues with the reference tokens.
+    runner = FakeRunner(num_pages=11, page_size=1)
+    s = Scheduler(runner, RadixCache(1), max_prefill_tokens=8, eos_token_ids=[EOS], overlap=True, mixed=True)
+    reqs = [s.add([i + 1, i + 2, i + 3], greedy(5, ignore_eos=True)) for i in range(3)]
+    waited_in_flight = 0
+    schedule = s.schedule
+
+    def watched() -> Batch | None:
+        nonlocal waited_in_flight
+        batch = schedule()
+        waited_in_flight += sum(r.num_inflight > 0 for r in s.waiting)
+        assert batch is None or all(r.num_inflight == 0 for r in batch.reqs[: batch.num_prefill])
+        return batch
+
+    s.schedule = watched  # type: ignore[method-assign]
+    while s.has_work:
+        s.step()
+    assert waited_in_flight > 0 and s.stats().num_preemptions > 0
+    assert [r.output_ids for r in reqs] == [reference(r.prompt_ids, 5) for r in reqs]

@@ -22,6 +22,7 @@ from minisgl_cli.engine import fused_rope_store
 from minisgl_cli.engine.layers.rmsnorm import RMSNorm
 from minisgl_cli.engine.layers.rope import RotaryEmbedding
 
+
 def _interpreter_works() -> bool:
     """Triton 3.9 or later: earlier interpreters turn scalars into arrays that NumPy 2 refuses to index."""
     if importlib.util.find_spec("triton") is None:
@@ -158,7 +159,9 @@ def test_shapes_the_kernel_cannot_take_are_refused() -> None:
 
 
 @pytest.mark.parametrize("with_norm", [False, True])
-@pytest.mark.parametrize(("heads", "head_dim", "tokens"), [((16, 8), 128, 256), ((32, 8), 128, 1), ((8, 2), 64, 3000)])
+@pytest.mark.parametrize(
+    ("heads", "head_dim", "tokens"), [((16, 8), 128, 256), ((32, 8), 128, 1), ((8, 2), 64, 3000)]
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

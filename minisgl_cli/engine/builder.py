@@ -91,7 +91,7 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGro
         random_seed=cfg.random_seed,
         # On the CPU a step is synchronous: overlapping would only delay every token by a step.
         overlap=not cfg.disable_overlap and device.type == "cuda",
-        mixed=not cfg.disable_mixed_steps,
+        mixed=cfg.mixed_steps,
         leader=RankLeader(RankChannel(tp)) if tp is not None and tp.size > 1 and tp.rank == 0 else None,
     )
     return Engine(source, model_config, runner, scheduler)

@@ -8,11 +8,13 @@ Picking a batch (`schedule()`), in order:
   2. else decode: one token for every running request. A request that needs a page when none is free
      preempts the newest running request: its pages are given back and it waits at the front of the queue
      with prompt + generated tokens as the prompt to recompute, so its output continues where it stopped.
-With mixed steps (`mixed=True`, the engine's default) the order is turned around and both kinds share a step:
+With mixed steps (`mixed=True`, `--mixed-steps`) the order is turned around and both kinds share a step:
 first every running request with one token to feed gets its page (preempting as above), then the prefill
 budget left after those decode tokens (at least a quarter of it) takes chunks as in 1. So no step runs a
-prefill alone while requests wait to decode: a long prompt arriving no longer stalls every stream for the
-length of its prefill, and the decode rows' weight reads are shared with the chunk's.
+prefill alone while requests wait to decode. Off by default: on an H200 (docs/benchmarks.md) it gained
+nothing measurable, because a decode row that rides along with a chunk still waits for the whole chunk, so
+inter-token latency spikes stay as long as the prefill, and the mixed step runs eagerly instead of the
+decode rows' CUDA graph.
 
 Overlap scheduling (`overlap=True`, on by default on a GPU): a step is launched (inputs copied, forward and
 sampling queued on the device, the sampled ids' copy to pinned host memory started) and left in flight;
@@ -333,7 +335,9 @@ class Scheduler:
             return prefill or decode
         # Admission never preempts, so every decode row is still running; prefill rows first (Batch.num_prefill).
         return Batch(
-            prefill.reqs + decode.reqs, prefill.extend_lens + decode.extend_lens, num_prefill=len(prefill.reqs)
+            prefill.reqs + decode.reqs,
+            prefill.extend_lens + decode.extend_lens,
+            num_prefill=len(prefill.reqs),
         )
 
     def _schedule_prefill(self, budget: int) -> Batch | None:
