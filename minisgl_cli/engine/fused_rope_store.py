@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from minisgl_cli.engine.kernels import use_kernels
+from minisgl_cli.engine.kernels import have_triton, use_kernels
 
 
 @functools.cache
@@ -91,16 +91,7 @@ def can_fuse(qkv: torch.Tensor, head_dim: int, kv_dtype: torch.dtype) -> bool:
     half precision, kernels not turned off), Triton is there, heads are a power of two wide and the KV pool
     holds the activations' dtype."""
     pow2 = head_dim >= 2 and head_dim & (head_dim - 1) == 0
-    return pow2 and kv_dtype == qkv.dtype and use_kernels(qkv) and _have_triton()
-
-
-@functools.cache
-def _have_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return pow2 and kv_dtype == qkv.dtype and use_kernels(qkv) and have_triton()
 
 
 def qkv_rope_store(

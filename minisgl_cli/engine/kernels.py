@@ -36,3 +36,13 @@ ENABLED = os.environ.get("MINISGL_NO_KERNELS", "").lower() not in ("1", "true", 
 def use_kernels(x: torch.Tensor) -> bool:
     """Whether the fused FlashInfer kernels should run on `x` (checked per call: a Python attribute read)."""
     return x.is_cuda and x.dtype in _KERNEL_DTYPES and ENABLED and flashinfer() is not None
+
+
+@functools.cache
+def have_triton() -> bool:
+    """Whether Triton imports (it comes with CUDA builds of torch; the Triton kernels need it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -13,7 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from minisgl_cli.engine.kernels import flashinfer, use_kernels
+from minisgl_cli.engine.kernels import flashinfer, have_triton, use_kernels
 
 _BLOCK = 1024
 
@@ -38,19 +38,10 @@ def _kernel():  # type: ignore[no-untyped-def]
     return silu_and_mul
 
 
-@functools.cache
-def _have_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x = [gate | up] along the last dim -> silu(gate) * up (one fused kernel on CUDA)."""
     if use_kernels(x):
-        if not _have_triton():
+        if not have_triton():
             return flashinfer().activation.silu_and_mul(x)
         rows = x.reshape(-1, x.shape[-1])
         if not rows.is_contiguous():
