@@ -181,9 +181,8 @@ class LLM:
                     if req.finished:
                         delta += builder.finish()
                         del live[req.rid]
-                    elif not deltas:
-                        continue
-                    yield builder, delta
+                    if deltas or req.finished:
+                        yield builder, delta
         finally:
             for builder in live.values():
                 self.scheduler.finish(builder.req, FinishReason.ABORT)

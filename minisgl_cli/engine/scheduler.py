@@ -402,8 +402,7 @@ class Scheduler:
         without evicting cached ones; False (nothing taken) otherwise. The common decode step: a page per
         request per step at page size 1, so one allocation instead of one per request. The pages go out in
         the order per-request allocation would give them."""
-        ps = self.allocator.page_size
-        short = [(r, -(-r.total_len // ps) - len(r.pages)) for r in reqs]
+        short = [(r, self.allocator.pages_needed(r.total_len) - len(r.pages)) for r in reqs]
         short = [(r, n) for r, n in short if n > 0]
         need = sum(n for _, n in short)
         if need > self.allocator.num_free:

@@ -66,15 +66,15 @@ class Attention(nn.Module):
                 q_norm=norm,
             )
             o = attn.attend(q, self.layer_id)
-            return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
-        q, k, v = qkv.split(self.qkv_proj.out_sizes, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
-        o = attn.forward(q, k, v, self.layer_id)
+        else:
+            q, k, v = qkv.split(self.qkv_proj.out_sizes, dim=-1)
+            q = q.view(-1, self.num_heads, self.head_dim)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rope(positions, q, k)
+            o = attn.forward(q, k, v, self.layer_id)
         return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
 
 
