@@ -1,6 +1,6 @@
 """The Triton kernels against the code they replace: the fused q/k norm + rope + K/V store kernel
-(engine/fused_rope_store.py), silu_and_mul (layers/activation.py) and the Gumbel-max draw with its in-kernel
-hash (engine/fused_sampling.py).
+(engine/fused_rope_store.py), silu_and_mul (layers/activation.py), the Gumbel-max draw with its in-kernel
+hash (engine/fused_sampling.py) and the batch-1 GEMV (layers/gemv.py).
 
 On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, in a process of its own) and are
 compared with the PyTorch reference code: exactly in float32 where the arithmetic is the same ops in the same
@@ -181,9 +181,25 @@ def test_gpu_kernel_equals_the_unfused_kernels(
         assert _rel(g, w) < (1e-3 if with_norm else 2e-5)
 
 
+def check_interpreted_gemv() -> None:
+    """Shapes with a ragged last block of rows and of K, with and without a bias, against float64."""
+    from minisgl_cli.engine.layers.gemv import gemv
+
+    g = torch.Generator().manual_seed(5)
+    for n, k, with_bias, block_k in ((37, 300, False, 128), (64, 2048, True, 1024), (5, 16, True, 256)):
+        x = torch.randn(1, k, generator=g)
+        w = torch.randn(n, k, generator=g)
+        b = torch.randn(n, generator=g) if with_bias else None
+        want = x.double() @ w.double().T + (0 if b is None else b.double())
+        got = gemv(x, w, b, block_k=block_k)
+        assert got.shape == (1, n) and got.dtype == torch.float32
+        assert float((got.double() - want).abs().max()) < 1e-4 * k**0.5
+
+
 if __name__ == "__main__":
     check_interpreted()
     check_interpreted_silu_and_sampling()
+    check_interpreted_gemv()
     print(f"{len(CPU_CASES)} cases equal")
 
 
@@ -196,3 +212,29 @@ def test_gpu_silu_and_mul_equals_pytorch(rows: int) -> None:
     x = torch.randn(rows, 2 * 14336, device="cuda").to(torch.bfloat16) * 3
     gate, up = x.chunk(2, dim=-1)
     torch.testing.assert_close(silu_and_mul(x), torch.nn.functional.silu(gate) * up)
+
+
+def test_the_gemv_serves_only_one_row_of_a_weight_no_wider_than_tall() -> None:
+    from minisgl_cli.engine.layers import gemv
+
+    # On the CPU it never serves: F.linear is the path and the reference.
+    assert not gemv.serves(torch.zeros(1, 64), torch.zeros(32, 64))
+    with pytest.raises(ValueError, match="one contiguous row"):
+        gemv.gemv(torch.zeros(2, 64), torch.zeros(32, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("n", "k", "with_bias"), [(4096, 4096, False), (4096, 14336, False), (1000, 3000, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gemv_equals_cublas(n: int, k: int, with_bias: bool, dtype: torch.dtype) -> None:
+    from minisgl_cli.engine.layers import gemv
+
+    x = torch.randn(1, k, device="cuda").to(dtype)
+    w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
+    b = torch.randn(n, device="cuda").to(dtype) if with_bias else None
+    assert gemv.serves(x, w) and not gemv.serves(torch.cat([x, x]), w) and not gemv.serves(x, w[:, : n // 2])
+    want = x.double() @ w.double().T + (0 if b is None else b.double())
+    # Both round a float32 sum once; only the order of the sum differs, so both sit within rounding of float64.
+    for got in (gemv.linear(x, w, b), torch.nn.functional.linear(x, w, b)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2)

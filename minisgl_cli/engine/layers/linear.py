@@ -8,10 +8,10 @@ multiplies by its slice of the input columns and all-reduces the partial sums. O
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minisgl_cli.engine.distributed import Shard, TPGroup, WeightSlice
+from minisgl_cli.engine.layers.gemv import linear
 
 
 class Linear(nn.Module):
@@ -24,7 +24,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):
@@ -81,7 +81,7 @@ class RowParallelLinear(Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(linear(x, self.weight))
 
     def weight_slices(self) -> dict[str, list[WeightSlice]]:
         return {"weight": [WeightSlice(None, 1, self.weight, self.source)]}

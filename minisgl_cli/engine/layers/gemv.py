@@ -1,0 +1,103 @@
+"""y = x W^T for one row of x (a batch-1 decode step), as a Triton kernel that streams W at the memory's rate.
+
+At batch 1 a decode step is a walk over the weights. cuBLAS streams the wide projections of an 8B model well
+(gate_up at 4.1 TB/s on an H200) but not those with as many or fewer outputs than inputs: o_proj 2.7 TB/s,
+down 3.8 TB/s, each with a split-K reduction kernel after it. Here one program owns BLOCK_N output rows over
+the whole of K, so nothing is reduced across programs and each row of W is read once, in long contiguous runs:
+o_proj 3.25 TB/s, down 3.95 TB/s (scripts/gemv_bench.py, the H200, weights streamed from memory, not L2).
+
+Where it loses (more outputs than inputs: qkv, gate_up, the LM head) cuBLAS keeps the call, and with more
+than one row cuBLAS's GEMM reuses each W tile across rows, which a one-row kernel cannot. The kernel
+accumulates in float32 and rounds once, as cuBLAS does; only the order of the sum differs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from minisgl_cli.engine.kernels import have_triton, use_kernels
+
+# The launch shape that streamed best over all the measured projections (block_n 16 against 4 and 8, block_k
+# 1024 against 256 and 512, 4 warps against 8; pipelining stages made no difference).
+BLOCK_N = 16
+BLOCK_K = 1024
+NUM_WARPS = 4
+
+
+@functools.cache
+def _kernel():  # type: ignore[no-untyped-def]
+    """Built on first use, so importing this module never imports Triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        cols = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
+        # A [BLOCK_N, BLOCK_K] tile of partial sums, reduced once at the end: no shuffles inside the loop.
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            col_ok = (k + cols) < K
+            x = tl.load(x_ptr + k + cols, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + k + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+    return gemv
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
+         block_k: int = BLOCK_K, num_warps: int = NUM_WARPS) -> torch.Tensor:  # fmt: skip
+    """x [1, K] @ weight [N, K]^T (+ bias) through the Triton kernel; the launch shape can be overridden
+    (scripts/gemv_bench.py sweeps it)."""
+    n, k = weight.shape
+    if x.shape != (1, k) or not (x.is_contiguous() and weight.is_contiguous()):
+        raise ValueError(
+            f"gemv takes one contiguous row of {k} and a contiguous [N, {k}] weight, got {tuple(x.shape)}"
+        )
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    b = weight if bias is None else bias  # any pointer when HAS_BIAS is off: the kernel never reads it
+    _kernel()[(-(-n // block_n),)](
+        x,
+        weight,
+        b,
+        out,
+        n,
+        k,
+        HAS_BIAS=bias is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel beats cuBLAS on this call: one row on CUDA in half precision, no more outputs than
+    inputs (measured: it wins on o_proj and down, loses on qkv and gate_up), a row-major weight."""
+    return (
+        x.dim() == 2
+        and x.shape[0] == 1
+        and weight.shape[0] <= weight.shape[1]
+        and use_kernels(x)
+        and have_triton()
+        and weight.dtype == x.dtype
+        and weight.is_contiguous()
+        and x.is_contiguous()
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with the Triton GEMV where it streams faster than cuBLAS."""
+    if serves(x, weight):
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
