@@ -187,7 +187,9 @@ def test_radix_cache_on_and_off_give_the_same_tokens(model_dir: Path) -> None:
     outs = radix.generate(prompts, GREEDY_32)
     assert all(o.usage.cached_tokens >= 200 for o in outs[1:])
     assert [o.token_ids for o in outs] == _tokens(naive, prompts, GREEDY_32)
-    assert first[0] == outs[0].token_ids
+    # Alone, against the naive cache alone: a request decoded alone goes through other matmul kernels than in
+    # a batch (layers/gemv.py), whose last-bit differences can flip a near-tie of this random model's argmax.
+    assert first == _tokens(naive, prompts[:1], GREEDY_32)
 
 
 def test_a_model_too_large_for_the_gpu_is_a_clear_error(tmp_path: Path) -> None:

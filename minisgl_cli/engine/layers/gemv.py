@@ -8,7 +8,9 @@ o_proj 3.25 TB/s, down 3.95 TB/s (scripts/gemv_bench.py, the H200, weights strea
 
 Where it loses (more outputs than inputs: qkv, gate_up, the LM head) cuBLAS keeps the call, and with more
 than one row cuBLAS's GEMM reuses each W tile across rows, which a one-row kernel cannot. The kernel
-accumulates in float32 and rounds once, as cuBLAS does; only the order of the sum differs.
+accumulates in float32 and rounds once, as cuBLAS does; only the order of the sum differs. So a request decoded
+alone can differ in the last bit from the same request in a batch (as it already could between the kernels cuBLAS
+picks for different batch sizes).
 """
 
 from __future__ import annotations
