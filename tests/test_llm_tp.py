@@ -109,3 +109,25 @@ def test_prefix_cache_reuse_and_drop_match(reference: LLM, split: LLM) -> None:
 def test_one_split_engine_per_process(model_dir: Path, split: LLM) -> None:
     with pytest.raises(UsageError, match="close"):
         LLM(str(model_dir), tp=2, **ENGINE)
+
+
+def test_structured_outputs_and_logit_bias_equal_the_unsplit_engine(reference: LLM, split: LLM) -> None:
+    """Both ranks compile the grammar; rank 1 takes it as ready when rank 0 does (rank_sync.GrammarReady), so
+    the request joins the same step's batch on both, and the masks and biases give the same tokens."""
+    import re
+
+    from minisgl_cli.engine.structured import StructuredOutput
+
+    pattern = r"[a-z]{2,6}( [a-z]{2,6}){0,3}\."
+    sampling = [SamplingParams(temperature=1.0, seed=i, max_tokens=40, structured=StructuredOutput("regex", pattern))
+                for i in range(4)]  # fmt: skip
+    sampling += [
+        SamplingParams(temperature=0, max_tokens=8, logit_bias={7: 60.0}),
+        SamplingParams(max_tokens=8),
+    ]
+    want = reference.generate(TEXTS, sampling)
+    got = split.generate(TEXTS, sampling)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for out in got[:4]:
+        assert out.finish_reason == "stop" and re.fullmatch(pattern, out.text), out.text
+    assert got[4].token_ids == [7] * 8

@@ -46,6 +46,7 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGro
     scheduler then sends what is done to it to the others, which must run `rank_sync.follow`."""
     # Heavy imports here, so importing this module stays cheap.
     from minisgl_cli.engine.device import resolve_device, resolve_dtype
+    from minisgl_cli.engine.grammar import GrammarBackend
     from minisgl_cli.engine.kv.naive_cache import NaiveCache
     from minisgl_cli.engine.kv.prefix_cache import PrefixCache
     from minisgl_cli.engine.kv.radix_cache import RadixCache
@@ -93,6 +94,7 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGro
         overlap=not cfg.disable_overlap and device.type == "cuda",
         mixed=cfg.mixed_steps,
         leader=RankLeader(RankChannel(tp)) if tp is not None and tp.size > 1 and tp.rank == 0 else None,
+        grammars=GrammarBackend(lambda: load_tokenizer(source), model_config.vocab_size, eos),
     )
     return Engine(source, model_config, runner, scheduler)
 

@@ -201,6 +201,8 @@ class LLM:
         params = _sampling_list(sampling, len(items))
         if self.tokenizer is None and any(sp.stop for sp in params):
             raise UsageError("stop strings need a tokenizer and this model has none: use stop_token_ids")
+        for sp in params:
+            self.scheduler.check_sampling(sp)
         ids = [self.encode(p) for p in items]
         builders: list[OutputBuilder] = []
         try:

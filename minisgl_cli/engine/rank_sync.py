@@ -46,7 +46,14 @@ class CacheDropped:
     pass
 
 
-Change = Added | Finished | CacheDropped
+@dataclass(frozen=True)
+class GrammarReady:
+    """Rank 0's request `rid` leaves `compiling` for the queue now (its grammar compiled on rank 0)."""
+
+    rid: int
+
+
+Change = Added | Finished | CacheDropped | GrammarReady
 
 _STOP = -1  # the length that tells the other ranks that rank 0 has stopped
 
@@ -108,6 +115,7 @@ def follow(scheduler: Scheduler, channel: RankChannel) -> None:
     """Ranks 1..N-1: apply rank 0's changes and run the step it runs, until rank 0 stops. A dead rank 0
     ends this with a RuntimeError from the broadcast."""
     live: dict[int, Req] = {}
+    scheduler.follows = True
     while (changes := channel.receive()) is not None:
         for change in changes:
             if isinstance(change, Added):
@@ -118,6 +126,8 @@ def follow(scheduler: Scheduler, channel: RankChannel) -> None:
             elif isinstance(change, Finished):
                 if (req := live.pop(change.rid, None)) is not None:
                     scheduler.finish(req, change.reason)
+            elif isinstance(change, GrammarReady):
+                scheduler.grammar_ready(live[change.rid])  # waits for this rank's own compile of it
             else:
                 scheduler.drop_cached_prefixes()
         # Rank 0 sends exactly once per step, just before it: so there is a step to run here too.

@@ -5,9 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from minisgl_cli.engine.structured import StructuredOutput
 from minisgl_cli.errors import InvalidParameter
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from minisgl_cli.engine.grammar import Matcher
     from minisgl_cli.engine.penalties import PenaltyState
 
 
@@ -17,6 +21,8 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k <= 0 and top_p == 1 and min_p == 0 disable those filters.
     logprobs None: no logprobs; 0: the chosen token's; N: the chosen one's and the top N.
+    logit_bias: token id -> a number in [-100, 100] added to that token's logit before sampling (OpenAI's).
+    structured: what the output must match (JSON schema, regex, ...; engine/structured.py), or None.
     """
 
     temperature: float = 1.0
@@ -32,6 +38,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -70,6 +78,17 @@ class SamplingParams:
             raise bad("logprobs", "an integer in [0, 20]")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise bad("stop", "non-empty strings")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or token < 0:
+                raise InvalidParameter(
+                    f"logit_bias keys must be token ids (integers >= 0), got {token!r}", "logit_bias"
+                )
+            if not -100.0 <= bias <= 100.0:
+                raise InvalidParameter(
+                    f"logit_bias values must be in [-100, 100], got {bias!r} for {token}", "logit_bias"
+                )
+        if self.structured is not None:
+            self.structured.check()
 
 
 class FinishReason:
@@ -118,6 +137,10 @@ class Req:
     penalty_state: PenaltyState | None = None
     # (chosen token's logprob, top-N as (token id, logprob) pairs) per generated token, when asked for.
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # Structured output: the compiled grammar, soon (while the request waits apart from the queue), then the
+    # request's matcher (engine/grammar.py), which has accepted every token in `output_ids`.
+    grammar: Future | None = None
+    matcher: Matcher | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -23,11 +23,20 @@ work of a step hides behind the device's. A token in flight is counted in the sc
 (`Req.total_len`) but not appended to `token_ids` until processed; the next step takes it as input on the
 device. A request whose in-flight token is its last by length is not decoded again; one that turns out to
 end on eos or a stop token has been decoded once more for nothing, and that token is dropped.
+
+Structured outputs (engine/grammar.py): a request with a constraint waits in `compiling`, apart from the
+queue, until its grammar is compiled (on a worker thread), then joins the queue's tail. Each step masks the
+constrained rows' logits (and adds logit_bias) before sampling. A constrained row's mask depends on its
+previous token: when that token is still in flight, the step processes the previous batch right after
+launching this forward (so the forward still overlaps the host's work) and masks before sampling. A batch with
+no constrained rows is scheduled exactly as without them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
+import logging
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -35,17 +44,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from minisgl_cli.engine.grammar import GrammarBackend, apply_masks
 from minisgl_cli.engine.kv.prefix_cache import PrefixCache
+from minisgl_cli.engine.logit_bias import apply_logit_bias
 from minisgl_cli.engine.penalties import PenaltyState, needs_penalties
-from minisgl_cli.engine.rank_sync import Added, CacheDropped, Finished
+from minisgl_cli.engine.rank_sync import Added, CacheDropped, Finished, GrammarReady
 from minisgl_cli.engine.request import Batch, FinishReason, Req, SamplingParams
 from minisgl_cli.engine.sampling import PendingResults, SampleOutput, SamplingBatch, sample
 from minisgl_cli.engine.step_inputs import prepare_step
-from minisgl_cli.errors import UsageError
+from minisgl_cli.errors import InvalidParameter, UsageError
 
 if TYPE_CHECKING:
     from minisgl_cli.engine.model_runner import ModelRunner
     from minisgl_cli.engine.rank_sync import RankLeader
+
+log = logging.getLogger(__name__)
 
 # Cache-aware admission (SGLang's longest-prefix-match policy) walks the prefix cache once per waiting
 # request, so it orders queues up to this long; a longer queue is admitted in arrival order.
@@ -104,6 +117,7 @@ class Scheduler:
         overlap: bool = False,
         mixed: bool = False,
         leader: RankLeader | None = None,
+        grammars: GrammarBackend | None = None,
     ) -> None:
         self.runner = runner
         # Tensor-parallel rank 0: the other ranks' schedulers replay what is done to this one (rank_sync.py).
@@ -129,6 +143,16 @@ class Scheduler:
         self._tokens_prefilled = self._tokens_decoded = self._tokens_generated = self._num_preemptions = 0
         self._steps = 0
         self._inflight: InflightBatch | None = None  # the launched batch not processed yet (overlap only)
+        self.grammars = grammars  # None: no tokenizer, so no structured outputs
+        self.compiling: list[
+            Req
+        ] = []  # constrained requests whose grammar is not compiled yet, in arrival order
+        # Ranks 1..N-1 (rank_sync.follow) take a grammar as ready when rank 0 says so, not when their own
+        # compile ends, so every rank admits it at the same step.
+        self.follows = False
+        self._done_early: list[
+            Req
+        ] = []  # the previous batch, when _launch had to process it (structured rows)
 
     # ---- requests in and out
 
@@ -145,9 +169,26 @@ class Scheduler:
                 "it must be shorter to leave room for at least one new token"
             )
 
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """UsageError for settings this model cannot run: logit_bias ids outside its vocabulary, a structured
+        output without a tokenizer."""
+        vocab = self.runner.model_config.vocab_size
+        outside = [t for t in sampling.logit_bias if t >= vocab]
+        if outside:
+            raise InvalidParameter(
+                f"logit_bias names token {outside[0]}, outside the model's vocabulary of {vocab} tokens",
+                "logit_bias",
+            )
+        if sampling.structured is not None and self.grammars is None:
+            raise InvalidParameter(
+                "structured outputs need the model's tokenizer, and this model has none",
+                sampling.structured.param,
+            )
+
     def add(self, prompt_ids: list[int], sampling: SamplingParams) -> Req:
         """Queue a request; UsageError if its prompt leaves no room for one new token."""
         self.check_prompt(prompt_ids)
+        self.check_sampling(sampling)
         req = Req(
             rid=next(self._rids),
             prompt_ids=list(prompt_ids),
@@ -156,10 +197,41 @@ class Scheduler:
             seed=sampling.seed if sampling.seed is not None else self._seed_rng.getrandbits(63),
             arrival_step=self._steps,
         )
-        self.waiting.append(req)
+        if sampling.structured is not None:
+            assert self.grammars is not None
+            req.grammar = self.grammars.compile(sampling.structured)
+            self.compiling.append(req)
+        else:
+            self.waiting.append(req)
         if self.leader is not None:
             self.leader.record(Added(req.rid, list(prompt_ids), sampling))
         return req
+
+    def grammar_ready(self, req: Req) -> bool:
+        """Move a request whose grammar compiled (waiting for it, on ranks 1..N-1) to the queue's tail; a
+        grammar that failed to compile aborts the request (False)."""
+        assert req.grammar is not None and self.grammars is not None
+        self.compiling.remove(req)
+        try:
+            req.matcher = self.grammars.matcher(req.grammar.result())
+        except Exception as exc:  # noqa: BLE001 - xgrammar's errors are RuntimeErrors of any kind
+            log.error("request %d: its structured output did not compile: %s", req.rid, exc)
+            req.finish_reason = FinishReason.ABORT
+            return False
+        finally:
+            req.grammar = None
+        self.waiting.append(req)
+        return True
+
+    def _poll_grammars(self) -> list[Req]:
+        """Queue the requests whose grammar is compiled; return those whose compile failed (now aborted)."""
+        failed = []
+        for req in [r for r in self.compiling if r.grammar is not None and r.grammar.done()]:
+            if self.leader is not None:
+                self.leader.record(GrammarReady(req.rid))
+            if not self.grammar_ready(req):
+                failed.append(req)
+        return failed
 
     def finish(self, req: Req, reason: str) -> None:
         """Retire a request now (also for callers: a stop string matched, a client went away).
@@ -181,6 +253,8 @@ class Scheduler:
         if req.row >= 0:
             self.running.remove(req)
             self._release(req)
+        elif req in self.compiling:
+            self.compiling.remove(req)
         else:
             self.waiting.remove(req)
 
@@ -188,7 +262,7 @@ class Scheduler:
     def has_work(self) -> bool:
         """Whether requests wait or run. A batch in flight holds only such requests, except when all of them
         finished meanwhile: its tokens are dropped anyway, and the next `step()` processes it, whenever."""
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.compiling)
 
     def stats(self) -> SchedulerStats:
         cache = self.cache.stats()
@@ -214,12 +288,18 @@ class Scheduler:
         requests returned are batch N's. A step with nothing new to schedule only processes the batch in
         flight.
         """
+        failed = self._poll_grammars() if self.compiling and not self.follows else []
         if self.leader is not None:
             self.leader.flush()
         batch = self.schedule()
+        self._done_early = []
         launched = self._launch(batch) if batch is not None else None
         previous, self._inflight = self._inflight, launched
-        done = self._process(previous) if previous is not None else []
+        done = failed + self._done_early + (self._process(previous) if previous is not None else [])
+        if batch is None and previous is None and self.compiling and not self.follows:
+            # Only grammars compiling: wait for one a moment instead of spinning on step().
+            futures = [r.grammar for r in self.compiling if r.grammar is not None]
+            concurrent.futures.wait(futures, timeout=0.005, return_when=concurrent.futures.FIRST_COMPLETED)
         if not self.overlap and launched is not None:
             self._inflight = None
             # A request of both batches only when overlap was just switched off: list it once.
@@ -252,6 +332,8 @@ class Scheduler:
         if inputs.sample_rows is not None:
             logits = logits[inputs.sample_rows]
         sampling_reqs = [r for r, s in zip(batch.reqs, batch.samples, strict=True) if s]
+        if sampling_reqs:
+            self._shape_logits(sampling_reqs, logits)
         out = self._sample(sampling_reqs, logits) if sampling_reqs else None
 
         for req, n in zip(batch.reqs, batch.extend_lens, strict=True):
@@ -272,6 +354,22 @@ class Scheduler:
             PendingResults.start(out) if out is not None else None,
         )
 
+    @torch.inference_mode()  # the logits are the forward's inference tensors: changed in place only there
+    def _shape_logits(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        """logit_bias, then the grammar masks, in place on the sampled rows' logits. A masked row whose previous
+        token is in flight needs it first: the previous batch is processed now (while this forward runs)."""
+        if any(r.sampling.logit_bias for r in reqs):
+            apply_logit_bias(logits, [r.sampling.logit_bias for r in reqs])
+        if not any(r.matcher is not None for r in reqs):
+            return
+        prev = self._inflight
+        if prev is not None and any(r.matcher is not None and r.num_inflight for r in reqs):
+            self._inflight = None
+            self._done_early = self._process(prev)
+        rows = [i for i, r in enumerate(reqs) if r.matcher is not None and not r.finished]
+        if rows:
+            apply_masks(logits, rows, [reqs[i].matcher for i in rows])  # type: ignore[misc]
+
     def _process(self, flight: InflightBatch) -> list[Req]:
         """Wait for a launched batch's tokens, append them and retire the requests that finish."""
         if flight.results is None:
@@ -284,6 +382,15 @@ class Scheduler:
             req.token_ids.append(tok.token_id)
             if tok.logprob is not None:
                 req.output_logprobs.append((tok.logprob, tok.top_logprobs or []))
+            if req.matcher is not None and not req.matcher.accept(tok.token_id):
+                # Cannot happen: every sampled row of a constrained request is masked. Stop rather than go on
+                # with a matcher that no longer follows the text.
+                log.error("request %d: token %d is outside its grammar; stopping it", req.rid, tok.token_id)
+                req.matcher = None
+                self._tokens_generated += 1
+                self._retire(req, FinishReason.STOP)
+                done.append(req)
+                continue
             self._tokens_generated += 1
             reason = self._finish_reason(req, tok.token_id)
             if reason is not None:
@@ -311,6 +418,8 @@ class Scheduler:
         return out
 
     def _finish_reason(self, req: Req, token: int) -> str | None:
+        if req.matcher is not None and req.matcher.ended:
+            return FinishReason.STOP  # the grammar is complete (its eos accepted), ignore_eos or not
         if token in req.sampling.stop_token_ids or (
             token in self.eos_token_ids and not req.sampling.ignore_eos
         ):

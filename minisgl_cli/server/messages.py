@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 
 from minisgl_cli.engine.request import SamplingParams
+from minisgl_cli.engine.structured import StructuredOutput
 
 _TYPE_KEY = "__t"
 _TYPES: dict[str, type] = {}
@@ -29,6 +30,7 @@ def _register(cls: type) -> type:
 
 
 _register(SamplingParams)
+_register(StructuredOutput)
 
 
 @_register
