@@ -290,10 +290,14 @@ class RecordingBackend:
         self.replies = replies  # per turn: a list of deltas (an exception in it is raised at that point)
         self.sent: list[list[dict[str, str]]] = []
         self.settings: list[SamplingConfig] = []
+        self.schemas: list[dict[str, Any] | None] = []
 
-    def stream(self, messages: list[dict[str, str]], settings: SamplingConfig) -> Iterator[Delta]:
+    def stream(
+        self, messages: list[dict[str, str]], settings: SamplingConfig, json_schema: dict[str, Any] | None = None
+    ) -> Iterator[Delta]:
         self.sent.append(messages)
         self.settings.append(settings)
+        self.schemas.append(json_schema)
         for item in self.replies.pop(0):
             if isinstance(item, BaseException):
                 raise item
@@ -345,6 +349,34 @@ def test_each_turn_is_sent_the_ones_before_and_a_failed_turn_is_dropped(
         "error: unknown command /bogus: type /help for the list",
     ]
     assert repl.failures == 3
+
+
+def test_json_schema_command_constrains_the_next_answers_until_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    (tmp_path / "city.json").write_text(json.dumps(schema))
+    (tmp_path / "bad.json").write_text('{"type": "nonsense"}')
+    backend = RecordingBackend([[Delta("a", 1, "stop")], [Delta("b", 1, "stop")], [Delta("c", 1, "stop")]])
+    repl, _, notes = run_repl(backend, [
+        Q1, f"/json-schema {tmp_path / 'city.json'}", Q2, f"/json-schema {tmp_path / 'bad.json'}",
+        "/json-schema off", Q1,
+    ])  # fmt: skip
+    assert backend.schemas == [None, schema, None]
+    assert "answers are JSON matching the schema" in notes and "answers are free text" in notes
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f'error: invalid JSON schema in /json-schema {tmp_path / "bad.json"}: Unsupported type "nonsense"']
+    assert repl.failures == 1
+
+
+def test_openai_backend_sends_the_json_schema_as_response_format() -> None:
+    transport, bodies = mock_server(
+        httpx.Response(200, text=sse({"choices": []}), headers={"content-type": "text/event-stream"}), models=["m"]
+    )
+    backend = OpenAIBackend.connect("http://example.test:8000", transport=transport)
+    schema = {"type": "array", "items": {"type": "integer"}}
+    list(backend.stream([user("hi")], SamplingConfig(), schema))
+    assert bodies[0]["response_format"] == {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
 
 
 def test_ctrl_c_keeps_the_partial_answer_when_interactive() -> None:

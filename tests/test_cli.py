@@ -203,6 +203,7 @@ def test_config_file_from_env(tmp_path: Path) -> None:
         (("config", "show"), {"MINISGL_PROT": "1"}, ("MINISGL_PROT is not a minisgl setting",)),
         (("config", "show"), {"MINISGL_LOG_LEVEL": "loud"}, ("MINISGL_LOG_LEVEL",)),
         (("config", "show", "--config", "missing.toml"), {}, ("missing.toml does not exist",)),
+        (("chat", "--json-schema", "missing.json"), {}, ("--json-schema: cannot read missing.json",)),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from minisgl_cli.config import SamplingConfig
 
@@ -24,8 +24,14 @@ class Backend(Protocol):
     model: str  # the model's name, for the banner and transcripts
     location: str  # "in-process" or the server's URL
 
-    def stream(self, messages: list[dict[str, str]], settings: SamplingConfig) -> Iterator[Delta]:
-        """The answer to `messages` as it is generated. Closing the iterator early cancels the answer."""
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        settings: SamplingConfig,
+        json_schema: dict[str, Any] | None = None,
+    ) -> Iterator[Delta]:
+        """The answer to `messages` as it is generated (JSON matching `json_schema` when given). Closing the
+        iterator early cancels the answer."""
         ...
 
     def close(self) -> None: ...

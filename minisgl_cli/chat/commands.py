@@ -5,8 +5,10 @@ Every mistake is a UsageError with one line that says what was expected, so the 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from minisgl_cli.config import SETTINGS, check_value
 from minisgl_cli.errors import UsageError
@@ -47,6 +49,11 @@ class Set:
 
 
 @dataclass(frozen=True)
+class SetJsonSchema:
+    schema: dict[str, Any] | None  # None: answers are free text again
+
+
+@dataclass(frozen=True)
 class Save:
     path: Path
 
@@ -56,7 +63,7 @@ class Load:
     path: Path
 
 
-Command = Exit | Help | Reset | SetSystem | ShowSettings | Set | Save | Load
+Command = Exit | Help | Reset | SetSystem | ShowSettings | Set | SetJsonSchema | Save | Load
 
 # (usage, what it does), in the order /help lists them.
 HELP: tuple[tuple[str, str], ...] = (
@@ -65,6 +72,7 @@ HELP: tuple[tuple[str, str], ...] = (
     ("/system TEXT", "set the system prompt; /system alone removes it"),
     ("/set NAME VALUE", f"change a setting: {', '.join(SETTABLE)} (seed none: unseeded)"),
     ("/set", "show the settings"),
+    ("/json-schema FILE", "answer with JSON matching the schema in FILE; /json-schema off: free text again"),
     ("/save FILE", "write the transcript: .json (loadable) or .md"),
     ("/load FILE", "continue a conversation saved with /save FILE.json"),
     ("/exit, /quit", "leave (Ctrl-D too)"),
@@ -93,6 +101,10 @@ def parse_command(text: str) -> Command:
             return SetSystem(arg or None)
         case "/set":
             return _parse_set(arg) if arg else ShowSettings()
+        case "/json-schema":
+            return SetJsonSchema(
+                None if arg.strip().lower() == "off" else read_json_schema(_path(name, arg), name)
+            )
         case "/save":
             return Save(_path(name, arg))
         case "/load":
@@ -110,6 +122,22 @@ def _path(name: str, arg: str) -> Path:
     if not arg:
         raise UsageError(f"{name} needs a file name, e.g. {name} chat.json")
     return Path(arg).expanduser()
+
+
+def read_json_schema(path: Path, where: str) -> dict[str, Any]:
+    """The JSON schema in `path`, checked as a constraint (UsageError naming the file and the problem)."""
+    from minisgl_cli.engine.structured import StructuredOutput
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{where}: {path} is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"{where}: {path} must hold a JSON schema object")
+    StructuredOutput.json_schema(schema, param=f"{where} {path}").check()
+    return schema
 
 
 def _parse_set(arg: str) -> Set:

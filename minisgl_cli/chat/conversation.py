@@ -27,6 +27,7 @@ class Conversation:
     settings: SamplingConfig = field(default_factory=SamplingConfig)
     system: str | None = None  # sent first when set
     turns: list[Message] = field(default_factory=list)  # user, assistant, user, assistant, ...
+    json_schema: dict[str, Any] | None = None  # answers are JSON matching it; None: free text
 
     def messages(self, prompt: str | None = None) -> list[dict[str, str]]:
         """What a backend is sent: the system prompt, every turn, then the new prompt (if any)."""

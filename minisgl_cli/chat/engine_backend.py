@@ -29,10 +29,19 @@ class EngineBackend:
 
         return cls(LLM.from_config(engine))
 
-    def stream(self, messages: list[dict[str, str]], settings: SamplingConfig) -> Iterator[Delta]:
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        settings: SamplingConfig,
+        json_schema: dict[str, Any] | None = None,
+    ) -> Iterator[Delta]:
         from minisgl_cli.engine.request import SamplingParams
+        from minisgl_cli.engine.structured import StructuredOutput
 
-        params = SamplingParams(**dataclasses.asdict(settings))
+        structured = (
+            None if json_schema is None else StructuredOutput.json_schema(json_schema, param="json_schema")
+        )
+        params = SamplingParams(**dataclasses.asdict(settings), structured=structured)
         steps = self._llm.stream_deltas(messages, params)
         try:
             while True:

@@ -63,14 +63,24 @@ class OpenAIBackend:
             raise
         return cls(client, base, model)
 
-    def stream(self, messages: list[dict[str, str]], settings: SamplingConfig) -> Iterator[Delta]:
-        body = {
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        settings: SamplingConfig,
+        json_schema: dict[str, Any] | None = None,
+    ) -> Iterator[Delta]:
+        body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
             **_sampling_fields(settings),
         }
+        if json_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": json_schema},
+            }
         tokens = 0
         with transport_errors(self.location):
             with self._client.stream("POST", "/v1/chat/completions", json=body) as response:

@@ -87,6 +87,9 @@ class Repl:
             case commands.Set(name, value):
                 conversation.change(name, value)
                 self._note(f"{name} = {format_value(value)}")
+            case commands.SetJsonSchema(schema):
+                conversation.json_schema = schema
+                self._note("answers are JSON matching the schema" if schema else "answers are free text")
             case commands.Save(path):
                 transcript.save(conversation, path, self.backend.model)
                 self._note(f"saved {len(conversation.messages())} messages to {path}")
@@ -103,7 +106,9 @@ class Repl:
         try:
             with self._answer_view() as view:
                 for delta in self.backend.stream(
-                    self.conversation.messages(prompt), self.conversation.settings
+                    self.conversation.messages(prompt),
+                    self.conversation.settings,
+                    self.conversation.json_schema,
                 ):
                     meter.observe(delta)
                     if delta.text:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -45,6 +46,14 @@ def chat(
     plain: Annotated[
         bool, typer.Option("--plain", help="Print answers as raw text instead of rendered Markdown.")
     ] = False,
+    json_schema: Annotated[
+        Path | None,
+        typer.Option(
+            "--json-schema",
+            help="Answer with JSON matching the JSON schema in this file (/json-schema changes it).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Chat in the terminal: answers stream as they are generated, then tokens/s and time to first token.
 
@@ -58,11 +67,13 @@ def chat(
 
     Example: minisgl chat --temperature 0.7, or minisgl chat --url http://127.0.0.1:1919
     """
+    from minisgl_cli.chat.commands import read_json_schema
     from minisgl_cli.chat.conversation import Conversation
     from minisgl_cli.chat.repl import Repl, piped_output, terminal_output
 
     if api_key is not None and url is None:
         raise UsageError("--api-key is for a server: give its --url too")
+    schema = read_json_schema(json_schema, "--json-schema") if json_schema is not None else None
     interactive = sys.stdin.isatty()
     if interactive:
         # Ctrl-C must stop an answer even when this process started with SIGINT ignored (a parent that ignores it
@@ -71,7 +82,8 @@ def chat(
     backend = _connect(cfg, url, api_key)
     try:
         output = terminal_output(ui.console, plain) if interactive else piped_output(ui.err_console)
-        repl = Repl(backend, Conversation(cfg.config.sampling, system or None), output)
+        conversation = Conversation(cfg.config.sampling, system or None, json_schema=schema)
+        repl = Repl(backend, conversation, output)
         repl.run(_source(interactive))
     finally:
         backend.close()
