@@ -293,7 +293,10 @@ class RecordingBackend:
         self.schemas: list[dict[str, Any] | None] = []
 
     def stream(
-        self, messages: list[dict[str, str]], settings: SamplingConfig, json_schema: dict[str, Any] | None = None
+        self,
+        messages: list[dict[str, str]],
+        settings: SamplingConfig,
+        json_schema: dict[str, Any] | None = None,
     ) -> Iterator[Delta]:
         self.sent.append(messages)
         self.settings.append(settings)
@@ -365,18 +368,24 @@ def test_json_schema_command_constrains_the_next_answers_until_off(
     assert backend.schemas == [None, schema, None]
     assert "answers are JSON matching the schema" in notes and "answers are free text" in notes
     err = capsys.readouterr().err.splitlines()
-    assert err == [f'error: invalid JSON schema in /json-schema {tmp_path / "bad.json"}: Unsupported type "nonsense"']
+    assert err == [
+        f'error: invalid JSON schema in /json-schema {tmp_path / "bad.json"}: Unsupported type "nonsense"'
+    ]
     assert repl.failures == 1
 
 
 def test_openai_backend_sends_the_json_schema_as_response_format() -> None:
     transport, bodies = mock_server(
-        httpx.Response(200, text=sse({"choices": []}), headers={"content-type": "text/event-stream"}), models=["m"]
+        httpx.Response(200, text=sse({"choices": []}), headers={"content-type": "text/event-stream"}),
+        models=["m"],
     )
     backend = OpenAIBackend.connect("http://example.test:8000", transport=transport)
     schema = {"type": "array", "items": {"type": "integer"}}
     list(backend.stream([user("hi")], SamplingConfig(), schema))
-    assert bodies[0]["response_format"] == {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    assert bodies[0]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": schema},
+    }
 
 
 def test_ctrl_c_keeps_the_partial_answer_when_interactive() -> None:

@@ -225,7 +225,9 @@ def test_the_gemv_serves_only_one_row_of_a_weight_no_wider_than_tall() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize(("n", "k", "with_bias"), [(4096, 4096, False), (4096, 14336, False), (1000, 3000, True)])
+@pytest.mark.parametrize(
+    ("n", "k", "with_bias"), [(4096, 4096, False), (4096, 14336, False), (1000, 3000, True)]
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_gemv_equals_cublas(n: int, k: int, with_bias: bool, dtype: torch.dtype) -> None:
     from minisgl_cli.engine.layers import gemv

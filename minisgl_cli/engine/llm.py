@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from minisgl_cli.config import EngineConfig
 from minisgl_cli.engine.outputs import OutputBuilder, RequestOutput
-from minisgl_cli.engine.request import FinishReason, SamplingParams
+from minisgl_cli.engine.request import FinishReason, SamplingParams, check_for_model
 from minisgl_cli.engine.tokenize import Prompt, encode_prompt, split_prompts
 from minisgl_cli.errors import MinisglError, UsageError
 
@@ -199,10 +199,8 @@ class LLM:
         """Tokenize and queue every prompt, or none of them: bad input raises before any work."""
         items = split_prompts(prompts)
         params = _sampling_list(sampling, len(items))
-        if self.tokenizer is None and any(sp.stop for sp in params):
-            raise UsageError("stop strings need a tokenizer and this model has none: use stop_token_ids")
         for sp in params:
-            self.scheduler.check_sampling(sp)
+            check_for_model(sp, self.runner.model_config.vocab_size, self.tokenizer is not None)
         ids = [self.encode(p) for p in items]
         builders: list[OutputBuilder] = []
         try:

@@ -91,6 +91,25 @@ class SamplingParams:
             self.structured.check()
 
 
+def check_for_model(sampling: SamplingParams, vocab_size: int, has_tokenizer: bool) -> None:
+    """InvalidParameter for settings this model cannot take. SamplingParams checks what it can alone; these
+    need the model: its vocabulary size, and a tokenizer to turn tokens into text."""
+    outside = sorted(t for t in sampling.logit_bias if t >= vocab_size)
+    if outside:
+        raise InvalidParameter(
+            f"logit_bias names token {outside[0]}, outside the model's vocabulary of {vocab_size} tokens",
+            "logit_bias",
+        )
+    if not has_tokenizer:
+        if sampling.stop:
+            raise InvalidParameter(
+                "stop strings need a tokenizer and this model has none: use stop_token_ids", "stop"
+            )
+        if sampling.structured is not None:
+            param = sampling.structured.param
+            raise InvalidParameter(f"{param} needs a tokenizer and this model has none", param)
+
+
 class FinishReason:
     """Why a request ended (OpenAI's names)."""
 

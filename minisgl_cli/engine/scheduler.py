@@ -169,26 +169,11 @@ class Scheduler:
                 "it must be shorter to leave room for at least one new token"
             )
 
-    def check_sampling(self, sampling: SamplingParams) -> None:
-        """UsageError for settings this model cannot run: logit_bias ids outside its vocabulary, a structured
-        output without a tokenizer."""
-        vocab = self.runner.model_config.vocab_size
-        outside = [t for t in sampling.logit_bias if t >= vocab]
-        if outside:
-            raise InvalidParameter(
-                f"logit_bias names token {outside[0]}, outside the model's vocabulary of {vocab} tokens",
-                "logit_bias",
-            )
-        if sampling.structured is not None and self.grammars is None:
-            raise InvalidParameter(
-                "structured outputs need the model's tokenizer, and this model has none",
-                sampling.structured.param,
-            )
-
     def add(self, prompt_ids: list[int], sampling: SamplingParams) -> Req:
         """Queue a request; UsageError if its prompt leaves no room for one new token."""
         self.check_prompt(prompt_ids)
-        self.check_sampling(sampling)
+        if sampling.structured is not None and self.grammars is None:
+            raise InvalidParameter("structured outputs need a grammar backend", sampling.structured.param)
         req = Req(
             rid=next(self._rids),
             prompt_ids=list(prompt_ids),

@@ -11,11 +11,18 @@ With an API key set, /v1/* and /generate need `Authorization: Bearer KEY`; /heal
 {"error": {"message", "type", "param", "code"}}; every 503 carries `Retry-After: 1`. An error after a
 stream's headers went out is sent as its last event, `data: {"error": {...}}`, before `data: [DONE]`.
 
+Request fields (protocol.py): every field of OpenAI's two request bodies works, is a no-op that cannot change
+the output (user, metadata, ...), or is refused with a 400 whose `param` names it (tools, audio, ...); names
+OpenAI does not have are ignored, with one warning per name, except the vLLM/SGLang extras protocol.py
+declares. An output constraint (response_format, or vLLM's structured_outputs / guided_*, or SGLang's regex /
+ebnf) becomes SamplingParams.structured; at most one per request.
+
 Native /generate
     request   {"text": "..."} or {"input_ids": [...]}, "stream": bool (default false), and optional
               "sampling_params": {max_new_tokens, temperature, top_p, top_k, min_p, stop, stop_token_ids,
-              ignore_eos, seed, frequency_penalty, presence_penalty, repetition_penalty}; omitted
-              settings take the server's defaults.
+              ignore_eos, seed, frequency_penalty, presence_penalty, repetition_penalty, logit_bias,
+              json_schema (SGLang's: the schema as a JSON string), regex, ebnf}; omitted settings take the
+              server's defaults.
     response  {"text": ..., "output_ids": [...], "meta_info": {"prompt_tokens", "completion_tokens",
               "cached_tokens", "finish_reason"}}
     stream    SSE events `data: {...}\\n\\n` of the same shape, each with only that step's new text and
@@ -110,7 +117,8 @@ async def _unless_client_gone(request: Request, work: Awaitable[None]) -> bool:
 def _sampling_params(
     fields: p.SamplingFields, defaults: SamplingConfig, *, max_tokens: int | None, logprobs: int | None
 ) -> SamplingParams:
-    """The request's settings; fields it leaves out take the server's defaults."""
+    """The request's settings; fields it leaves out take the server's defaults. InvalidParameter (a 400)
+    for a value the engine cannot take, among them an invalid schema, regex or grammar."""
     given = {f.name: getattr(fields, f.name, None) for f in dataclasses.fields(defaults)}
     given["max_tokens"] = max_tokens
     values = {name: getattr(defaults, name) if value is None else value for name, value in given.items()}
@@ -121,6 +129,8 @@ def _sampling_params(
         stop_token_ids=list(fields.stop_token_ids or []),
         ignore_eos=fields.ignore_eos,
         logprobs=logprobs,
+        logit_bias=fields.token_bias,
+        structured=fields.structured(),
     )
 
 
@@ -181,6 +191,7 @@ def create_app(engine: EngineClient, settings: ApiSettings) -> FastAPI:
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Any:
         arrival = time.perf_counter()
         check_model(body.model)
+        p.check_fields(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -205,8 +216,10 @@ def create_app(engine: EngineClient, settings: ApiSettings) -> FastAPI:
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
         arrival = time.perf_counter()
         check_model(body.model)
-        if body.echo:
-            raise ApiError(400, "'echo' is not supported", param="echo")
+        p.check_fields(body)
+        if body.best_of is not None and body.best_of != body.n:
+            message = "'best_of' is not supported unless it equals n: candidates are not ranked"
+            raise ApiError(400, message, param="best_of")
         sampling = _sampling_params(
             body, settings.sampling_defaults, max_tokens=body.max_tokens, logprobs=body.logprobs
         )
@@ -227,6 +240,7 @@ def create_app(engine: EngineClient, settings: ApiSettings) -> FastAPI:
     @app.post("/generate", response_model=p.NativeGenerateResponse, responses=_SSE_DOC)
     async def generate(body: p.NativeGenerateRequest, request: Request) -> Any:
         arrival = time.perf_counter()
+        p.check_fields(body)
         params = body.sampling_params
         sampling = _sampling_params(
             params, settings.sampling_defaults, max_tokens=params.max_new_tokens, logprobs=None

@@ -76,7 +76,7 @@ def _request_field_names() -> frozenset[str]:
     while pending:
         model = pending.pop()
         seen.add(model)
-        names.update(model.model_fields)
+        names.update(info.alias or name for name, info in model.model_fields.items())  # "schema", "json"
         for info in model.model_fields.values():
             pending += [t for t in _model_types(info.annotation) if t not in seen]
     return frozenset(names)

@@ -1,16 +1,41 @@
 """The HTTP API's request and response bodies: OpenAI's shapes, plus the native /generate ones (pydantic).
 
-Requests ignore fields they do not know (clients send OpenAI options this server does not implement).
-Ranges that the engine's SamplingParams checks itself (temperature, top_p, penalties, ...) are left to it,
-so each range is written once; the models bound only what the API owns (n, logprobs counts) and what must
-survive the trip to the engine (integers fit in int64, strings encode as UTF-8).
+Every field of OpenAI's chat and text completion requests is declared here, so none is dropped unseen:
+it either works, is accepted as a no-op because it cannot change the output (`user`, `metadata`, ...), or
+carries a `Refused` mark: any value but the ones that ask for nothing (null, [], "none") is answered with a
+400 naming the field (check_fields). Names that are no field of OpenAI's, nor one of the vLLM/SGLang extras
+declared here (top_k, guided_regex, structured_outputs, ...), are ignored, as vLLM ignores them, with one
+warning per name per process. Ranges that the engine's SamplingParams checks itself (temperature, top_p,
+penalties, logit_bias values, ...) are left to it, so each range is written once; the models bound only
+what the API owns (n, logprobs counts) and what must survive the trip to the engine (integers fit in
+int64, strings encode as UTF-8).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+
+from minisgl_cli.engine.structured import StructuredOutput
+from minisgl_cli.errors import InvalidParameter
+
+log = logging.getLogger(__name__)
 
 
 def _encodable(text: str) -> str:
@@ -24,17 +49,94 @@ def _encodable(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_encodable)]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+JsonSchema = dict[str, Any] | Text  # a schema, or (vLLM's and SGLang's other spelling) its JSON text
+
+
+# ---- the field policy
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Marks a field this server does not implement (as `Annotated[Any, Refused(...)]`): a value other than
+    `allowed`, the ones that ask for nothing, is a 400 naming the field instead of being ignored."""
+
+    why: str
+    allowed: tuple[Any, ...] = (None,)
+
+
+def refusal(info: FieldInfo) -> Refused | None:
+    return next((m for m in info.metadata if isinstance(m, Refused)), None)
+
+
+_TOOL_CALL = Refused("tool calling is not implemented yet")
+_TOOLS = Refused(_TOOL_CALL.why, (None, []))
+_TOOL_CHOICE = Refused(_TOOL_CALL.why, (None, "none"))
+_warned: set[str] = set()  # unknown field names already logged by this process
+_MAX_WARNED = 256  # then no more: a client making up names must not grow the set (or the log) forever
+
+
+class Lenient(BaseModel):
+    """A request object: fields it does not declare are kept aside (model_extra) for check_fields to name."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+def check_fields(body: BaseModel, path: str = "") -> None:
+    """InvalidParameter for the first refused value in `body` (nested objects too); a warning, once per name,
+    for each undeclared field, which is ignored."""
+    for name, info in type(body).model_fields.items():
+        value = getattr(body, name)
+        where = f"{path}.{info.alias or name}" if path else info.alias or name
+        mark = refusal(info)
+        if mark is not None and not any(_same(value, ok) for ok in mark.allowed):
+            accepted = ", ".join(json.dumps(ok) for ok in mark.allowed)
+            raise InvalidParameter(f"'{where}' is not supported: {mark.why} (accepted: {accepted})", where)
+        for child, child_path in _objects(value, where):
+            check_fields(child, child_path)
+    for name in body.model_extra or {}:
+        where = f"{path}.{name}" if path else name
+        key = re.sub(r"\[\d+\]", "[]", where)  # every message's unknown field is one name
+        if key not in _warned and len(_warned) < _MAX_WARNED:
+            _warned.add(key)
+            log.warning("ignoring the request field '%s': this server does not know it (logged once)", key)
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    # 0 == False and 1 == True in Python, but `"store": 0` is no JSON false.
+    return type(value) is type(allowed) and value == allowed
+
+
+def _objects(value: Any, path: str) -> Iterator[tuple[BaseModel, str]]:
+    if isinstance(value, BaseModel):
+        yield value, path
+    elif isinstance(value, list):
+        yield from ((v, f"{path}[{i}]") for i, v in enumerate(value) if isinstance(v, BaseModel))
+
+
+def one_constraint(found: list[StructuredOutput]) -> StructuredOutput | None:
+    """The request's output constraint, or None; InvalidParameter naming two when it sets more than one."""
+    if len(found) > 1:
+        first, second = found[0].param, found[1].param
+        raise InvalidParameter(
+            f"a request takes at most one output constraint, and this one sets both '{first}' and '{second}'",
+            param=second,
+        )
+    return found[0] if found else None
 
 
 # ---- requests
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+class StreamOptions(Lenient):
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # no-op: chunks carry no obfuscation padding
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Lenient):
     """Sampling settings every generation endpoint takes; None: the server's default."""
+
+    # Parameter paths name fields under this prefix (the native endpoint nests them in sampling_params).
+    param_prefix: ClassVar[str] = ""
 
     temperature: float | None = None
     top_p: float | None = None
@@ -47,6 +149,92 @@ class SamplingFields(BaseModel):
     stop: Text | list[Text] | None = None
     stop_token_ids: list[Int64] | None = None
     ignore_eos: bool = False
+    # OpenAI's {"token id": bias}; Strict: a JSON true or "5" is no bias.
+    logit_bias: dict[str, Annotated[float, Strict()]] | None = None
+    regex: Text | None = None  # SGLang's
+    ebnf: Text | None = None  # SGLang's: an EBNF grammar with a `root` rule
+
+    @field_validator("n", "stream", "logprobs", "ignore_eos", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        # OpenAI's schema lets these be null, which means what leaving them out means.
+        return cls.model_fields[info.field_name or ""].default if value is None else value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        # Digits only: int() would also take " 5" and "+5", and {"5": 1, "+5": 2} would silently merge.
+        for key in value or {}:
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f'keys must be token ids written as digits (like "50256"), got {key!r}')
+        return value
+
+    @property
+    def token_bias(self) -> dict[int, float]:
+        return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
+
+    def constraints(self) -> list[StructuredOutput]:
+        """Every output constraint the request sets, each naming the field it came from."""
+        found = []
+        if self.regex is not None:
+            found.append(StructuredOutput("regex", self.regex, f"{self.param_prefix}regex"))
+        if self.ebnf is not None:
+            found.append(StructuredOutput("grammar", self.ebnf, f"{self.param_prefix}ebnf"))
+        return found
+
+    def structured(self) -> StructuredOutput | None:
+        return one_constraint(self.constraints())
+
+
+class JsonSchemaFormat(Lenient):
+    name: str | None = None  # OpenAI requires it; here it is only a label
+    description: str | None = None  # no-op: the schema alone constrains the output
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # no-op: the schema is always enforced strictly
+
+
+class ResponseFormat(Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutput("json_object", "", "response_format")
+        if self.json_schema is None:
+            raise InvalidParameter(
+                "'response_format' of type 'json_schema' needs a 'json_schema' object",
+                param="response_format.json_schema",
+            )
+        if self.json_schema.schema_ is None:
+            return StructuredOutput("json_object", "", "response_format")
+        return StructuredOutput.json_schema(self.json_schema.schema_, param="response_format")
+
+
+class StructuredOutputs(Lenient):
+    """vLLM's `structured_outputs`: one constraint of these."""
+
+    json_: JsonSchema | None = Field(None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None  # EBNF with a `root` rule
+    json_object: bool | None = None
+    structural_tag: Annotated[Any, Refused("structural tags are not implemented")] = None
+
+    def constraints(self) -> list[StructuredOutput]:
+        found = []
+        if self.json_ is not None:
+            found.append(StructuredOutput.json_schema(self.json_, param="structured_outputs.json"))
+        if self.regex is not None:
+            found.append(StructuredOutput("regex", self.regex, "structured_outputs.regex"))
+        if self.choice is not None:
+            found.append(StructuredOutput.choice(self.choice, param="structured_outputs.choice"))
+        if self.grammar is not None:
+            found.append(StructuredOutput("grammar", self.grammar, "structured_outputs.grammar"))
+        if self.json_object:
+            found.append(StructuredOutput("json_object", "", "structured_outputs.json_object"))
+        return found
 
 
 class OpenAIRequest(SamplingFields):
@@ -57,10 +245,34 @@ class OpenAIRequest(SamplingFields):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = None  # no-op: an end-user label for OpenAI's abuse monitoring
+    # Output constraints (besides SGLang's regex and ebnf): OpenAI's, vLLM's and vLLM's older names.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: JsonSchema | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
 
     @property
     def include_usage(self) -> bool:
-        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+        return self.stream and self.stream_options is not None and bool(self.stream_options.include_usage)
+
+    def constraints(self) -> list[StructuredOutput]:
+        found = []
+        if self.response_format is not None and (fmt := self.response_format.structured()) is not None:
+            found.append(fmt)
+        if self.structured_outputs is not None:
+            found += self.structured_outputs.constraints()
+        if self.guided_json is not None:
+            found.append(StructuredOutput.json_schema(self.guided_json, param="guided_json"))
+        if self.guided_regex is not None:
+            found.append(StructuredOutput("regex", self.guided_regex, "guided_regex"))
+        if self.guided_choice is not None:
+            found.append(StructuredOutput.choice(self.guided_choice, param="guided_choice"))
+        if self.guided_grammar is not None:
+            found.append(StructuredOutput("grammar", self.guided_grammar, "guided_grammar"))
+        return found + super().constraints()
 
 
 class TextPart(BaseModel):
@@ -68,9 +280,15 @@ class TextPart(BaseModel):
     text: Text
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
+    name: Text | None = None  # passed to the chat template, which may show it or not
+    tool_calls: Annotated[Any, _TOOLS] = None
+    tool_call_id: Annotated[Any, _TOOL_CALL] = None
+    function_call: Annotated[Any, _TOOL_CALL] = None
+    audio: Annotated[Any, Refused("audio is not implemented")] = None
+    refusal: Annotated[Any, Refused("send the refusal's text as 'content'")] = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -87,7 +305,7 @@ class ChatMessage(BaseModel):
                 raise ValueError(
                     f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, got {kind!r}"
                 )
-            texts.append(part["text"])
+            texts.append(part["text"])  # its other keys (OpenAI's prompt_cache_breakpoint) are cache hints
         return "\n".join(texts)
 
     @model_validator(mode="after")
@@ -101,7 +319,13 @@ class ChatMessage(BaseModel):
         """The message as the engine's chat template takes it."""
         # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.content if isinstance(self.content, str) else ""}
+        prompt = {"role": role, "content": self.content if isinstance(self.content, str) else ""}
+        if self.name is not None:
+            prompt["name"] = self.name
+        return prompt
+
+
+_NOT_YET = "it would change the output and is not implemented"
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -109,6 +333,27 @@ class ChatCompletionRequest(OpenAIRequest):
     max_completion_tokens: Int64 | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # No-ops: labels and hints for OpenAI's own service (the radix cache reuses prefixes by itself).
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    # Refused unless they ask for nothing (or for what this server does anyway: one tier, text, no storing).
+    service_tier: Annotated[Any, Refused("this server has one tier", (None, "auto", "default"))] = None
+    store: Annotated[Any, Refused("this server stores no completions", (None, False))] = None
+    modalities: Annotated[Any, Refused("the only output is text", (None, ["text"]))] = None
+    tools: Annotated[Any, _TOOLS] = None
+    tool_choice: Annotated[Any, _TOOL_CHOICE] = None
+    parallel_tool_calls: Annotated[Any, Refused(_TOOL_CALL.why, (None, False))] = None
+    functions: Annotated[Any, _TOOLS] = None
+    function_call: Annotated[Any, _TOOL_CHOICE] = None
+    audio: Annotated[Any, Refused("audio output is not implemented")] = None
+    prediction: Annotated[Any, Refused(_NOT_YET)] = None
+    reasoning_effort: Annotated[Any, Refused(_NOT_YET)] = None
+    verbosity: Annotated[Any, Refused(_NOT_YET)] = None
+    web_search_options: Annotated[Any, Refused("this server has no web search")] = None
+    moderation: Annotated[Any, Refused("this server runs no moderation")] = None
 
 
 TokenIds = Annotated[list[Int64], Field(min_length=1)]
@@ -118,7 +363,9 @@ class CompletionRequest(OpenAIRequest):
     # One prompt (text or token ids) or a batch of them.
     prompt: Text | list[Text] | TokenIds | list[TokenIds]
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
+    echo: Annotated[Any, Refused("the prompt is not echoed", (None, False))] = False
+    suffix: Annotated[Any, Refused("inserting text before a suffix is not implemented", (None, ""))] = None
+    best_of: int | None = None  # only equal to n (api.py): there is no ranking of more candidates
 
     @field_validator("prompt")
     @classmethod
@@ -135,10 +382,21 @@ class CompletionRequest(OpenAIRequest):
 
 
 class NativeSamplingParams(SamplingFields):
+    param_prefix: ClassVar[str] = "sampling_params."
+
     max_new_tokens: Int64 | None = None
+    json_schema: JsonSchema | None = None  # SGLang's (there a JSON string)
+
+    def constraints(self) -> list[StructuredOutput]:
+        found = []
+        if self.json_schema is not None:
+            found.append(
+                StructuredOutput.json_schema(self.json_schema, param=f"{self.param_prefix}json_schema")
+            )
+        return found + super().constraints()
 
 
-class NativeGenerateRequest(BaseModel):
+class NativeGenerateRequest(Lenient):
     """POST /generate: exactly one of `text` and `input_ids`."""
 
     text: Text | None = None

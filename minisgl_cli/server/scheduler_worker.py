@@ -26,7 +26,7 @@ from minisgl_cli.engine.builder import Engine, build_engine
 from minisgl_cli.engine.rank_sync import RankChannel, follow
 from minisgl_cli.engine.request import FinishReason, Req
 from minisgl_cli.engine.tp_ranks import RankPlace, join
-from minisgl_cli.errors import UsageError
+from minisgl_cli.errors import InvalidParameter, UsageError
 from minisgl_cli.model_source import ModelSource
 from minisgl_cli.server.child import keep_running, prepare_child, report, startup_failures
 from minisgl_cli.server.engine_client import IpcAddresses
@@ -239,7 +239,9 @@ class SchedulerWorker:
             return
         try:
             self.requests.add(item)
-        except UsageError as exc:
+        except InvalidParameter as exc:
+            self._reject(item.rid, 400, str(exc), param=exc.param)
+        except UsageError as exc:  # the prompt leaves no room for a new token
             self._reject(item.rid, 400, str(exc), param="messages", code="context_length_exceeded")
             return
 

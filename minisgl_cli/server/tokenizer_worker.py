@@ -16,7 +16,7 @@ import zmq
 
 from minisgl_cli.engine.builder import load_tokenizer
 from minisgl_cli.engine.outputs import TextStream
-from minisgl_cli.engine.request import FinishReason
+from minisgl_cli.engine.request import FinishReason, check_for_model
 from minisgl_cli.engine.tokenize import encode_prompt, is_token_ids
 from minisgl_cli.errors import UsageError
 from minisgl_cli.model_source import ModelSource
@@ -99,10 +99,9 @@ class TokenizerWorker:
         sampling = request.sampling
         try:
             ids = encode_prompt(request.prompt, self.tokenizer, self.vocab_size)
-            if sampling.stop and self.tokenizer is None:
-                raise UsageError("stop strings need a tokenizer and this model has none: use stop_token_ids")
+            check_for_model(sampling, self.vocab_size, self.tokenizer is not None)
         except UsageError as exc:
-            param = (
+            param = getattr(exc, "param", None) or (
                 "prompt" if isinstance(request.prompt, str) or is_token_ids(request.prompt) else "messages"
             )
             self._api.send(pack(Rejected(request.rid, 400, str(exc), param=param)))
