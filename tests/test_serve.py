@@ -546,3 +546,111 @@ def test_bench_serve_against_the_live_server(server: ServerProcess, tmp_path: Pa
         == workload.output_tokens
     )
     assert result["p99_ttft_ms"] >= result["median_ttft_ms"] > 0
+
+
+# ---- structured outputs and logit_bias, through the openai client
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 12},
+        "age": {"type": "integer", "minimum": 1, "maximum": 110},
+        "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]}, "minItems": 1, "maxItems": 2},
+        "home": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "pattern": "^[A-Z][a-z]{1,9}$"}},
+            "required": ["city"],
+        },
+    },
+    "required": ["name", "age", "pets", "home"],
+}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}
+PERSON_CHAT = [{"role": "user", "content": "Invent a person and describe them as JSON."}]
+
+
+def _streamed_text(client: openai.OpenAI, **kwargs: Any) -> tuple[str, str | None]:
+    text, finish = "", None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    return text, finish
+
+
+def test_json_schema_outputs_validate_streamed_and_not_beside_free_requests(
+    client: openai.OpenAI, model_name: str
+) -> None:
+    """Several constrained requests at once, at several seeds and temperatures, with unconstrained ones in the
+    same batches: every constrained answer is JSON that validates, every free answer is what it is alone."""
+    import concurrent.futures
+
+    import jsonschema
+
+    def constrained(i: int) -> tuple[str, str | None]:
+        kwargs = dict(model=model_name, messages=PERSON_CHAT, response_format=PERSON_FORMAT, max_tokens=120,
+                      temperature=(0.0, 0.6, 1.0)[i % 3], seed=i)  # fmt: skip
+        if i % 2:
+            return _streamed_text(client, **kwargs)
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        return choice.message.content or "", choice.finish_reason
+
+    def free() -> str:
+        out = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=12, temperature=0)
+        return out.choices[0].message.content or ""
+
+    alone = free()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        jobs = [pool.submit(constrained, i) for i in range(6)] + [pool.submit(free) for _ in range(3)]
+        results = [job.result() for job in jobs]
+    for text, finish in results[:6]:
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+    assert results[6:] == [alone] * 3
+
+
+def test_regex_choice_and_completions_constraints(client: openai.OpenAI, model_name: str) -> None:
+    import re
+
+    out = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=40,
+                                         extra_body={"guided_regex": r"[A-Z][a-z]{1,10}, [A-Z][a-z]{1,10}"})  # fmt: skip
+    assert re.fullmatch(r"[A-Z][a-z]{1,10}, [A-Z][a-z]{1,10}", out.choices[0].message.content or "")
+    out = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=20, temperature=1.0,
+                                         extra_body={"structured_outputs": {"choice": ["Paris", "Lyon"]}})  # fmt: skip
+    assert out.choices[0].message.content in ("Paris", "Lyon")
+    # The openai client's completions take response_format only as an extra (OpenAI's own API lacks it there).
+    done = client.completions.create(model=model_name, prompt="A person as JSON:", max_tokens=60, temperature=0,
+                                     extra_body={"response_format": {"type": "json_object"}})  # fmt: skip
+    assert done.choices[0].finish_reason == "stop", done.choices[0].text
+    assert isinstance(json.loads(done.choices[0].text), dict)
+
+
+def test_bad_constraints_and_tools_are_400_naming_the_field(client: openai.OpenAI, model_name: str) -> None:
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model_name, messages=CHAT, response_format=bad)  # type: ignore[arg-type]
+    assert (
+        _error(info.value)["param"].startswith("response_format")
+        and "nonsense" in _error(info.value)["message"]
+    )
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model_name, messages=CHAT, extra_body={"guided_regex": "a(b"})
+    assert _error(info.value)["param"] == "guided_regex"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model_name, messages=CHAT, tools=[tool])  # type: ignore[list-item]
+    assert _error(info.value)["param"] == "tools"
+
+
+def test_logit_bias_bans_the_greedy_first_token(
+    client: openai.OpenAI, model_name: str, reference: Any
+) -> None:
+    first = client.completions.create(
+        model=model_name, prompt=COUNTING, max_tokens=1, temperature=0, logprobs=0
+    )
+    token = reference.tokenizer.convert_tokens_to_ids(reference.tokenizer.tokenize(first.choices[0].text))[0]
+    banned = client.completions.create(model=model_name, prompt=COUNTING, max_tokens=1, temperature=0,
+                                       logit_bias={str(token): -100})  # fmt: skip
+    assert banned.choices[0].text != first.choices[0].text
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model_name, prompt=COUNTING, logit_bias={"99999999": 1})
+    assert _error(info.value)["param"] == "logit_bias"
