@@ -5,8 +5,10 @@ Two input shapes are accepted, line by line:
   - plain:  {"prompt": str | [token ids]} or {"messages": [...]}, optional "id", optional sampling fields;
   - OpenAI Batch: {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body": {...}}.
 Each job remembers its shape, so its output record has the matching one.
-Keys this module does not know are ignored: datasets often carry extra columns (reference answers, metadata)
-and OpenAI bodies carry options with no meaning here (model, user, ...).
+Output constraints and logit_bias take the API's fields and rules (server/protocol.py, one place for both):
+`response_format`, vLLM's `structured_outputs` and `guided_*`, SGLang's `regex` and `ebnf`, OpenAI's
+`logit_bias`. Keys this module does not know are ignored: datasets often carry extra columns (reference
+answers, metadata) and OpenAI bodies carry options with no meaning here (model, user, ...).
 """
 
 from __future__ import annotations
@@ -238,9 +240,35 @@ SAMPLING_FIELDS: dict[str, Callable[[Any], Any]] = {
 SAMPLING_ALIASES = {"max_completion_tokens": "max_tokens"}
 
 
+# Parsed as the HTTP API parses them (engine constraints and logit_bias).
+API_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+              "guided_grammar", "regex", "ebnf", "logit_bias")  # fmt: skip
+
+
+def _api_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """The line's output constraint and logit_bias, as SamplingParams fields (LineError when invalid)."""
+    given = {k: obj[k] for k in API_FIELDS if obj.get(k) is not None}
+    if not given:
+        return {}
+    from pydantic import ValidationError
+
+    from minisgl_cli.server.protocol import OpenAIRequest
+
+    try:
+        fields = OpenAIRequest.model_validate(given)
+        return {"structured": fields.structured(), "logit_bias": fields.token_bias}
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        raise LineError(f"field '{where}': {message}") from None
+    except UsageError as exc:
+        raise LineError(str(exc)) from None
+
+
 def _sampling(obj: dict[str, Any], defaults: SamplingParams) -> SamplingParams:
     """`defaults` with the line's own fields on top. null means 'not given': OpenAI clients send explicit nulls."""
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = _api_fields(obj)
     for key, value in obj.items():
         name = SAMPLING_ALIASES.get(key, key)
         if name not in SAMPLING_FIELDS or value is None:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from minisgl_cli.cli import ui
 from minisgl_cli.engine.request import SamplingParams
+from minisgl_cli.engine.structured import StructuredOutput
 from minisgl_cli.errors import UsageError
 from minisgl_cli.jobs import CHAT_URL, COMPLETIONS_URL, Job, output_record, parse_line, parse_lines, record_id
 
@@ -149,6 +150,11 @@ BAD_LINES = [
         "'body' has no 'messages'",
     ),
     ('{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "n": 2}}', "field 'n'"),
+    ('{"prompt": "x", "guided_regex": "a(b"}', "invalid regex in guided_regex: Regex parsing error"),
+    ('{"prompt": "x", "response_format": {"type": "xml"}}', "field 'response_format.type': Input should be"),
+    ('{"prompt": "x", "regex": "a", "guided_choice": ["b"]}', "sets both 'guided_choice' and 'regex'"),
+    ('{"prompt": "x", "logit_bias": {"x": 1}}', "field 'logit_bias': keys must be token ids"),
+    ('{"prompt": "x", "logit_bias": {"1": 500}}', "logit_bias values must be in [-100, 100]"),
 ]
 
 
@@ -546,3 +552,37 @@ def test_embedded_default_model(tmp_path: Path) -> None:
     jobs = parse_lines(src.read_text().splitlines(), SamplingParams(temperature=0, max_tokens=12)).jobs
     assert {r["id"]: r for r in res.records} == expected_records(llm, jobs)
     assert "Paris" in {r["id"]: r for r in res.records}["chat"]["text"]
+
+
+def test_lines_take_the_apis_constraints_and_logit_bias() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    lines = [
+        {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}},
+        {"prompt": "x", "guided_choice": ["yes", "no"], "logit_bias": {"7": -100}},
+        {"custom_id": "c", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}},
+        {"prompt": "x", "regex": None},  # null: not given
+    ]  # fmt: skip
+    jobs = parse_lines([json.dumps(line) for line in lines], DEFAULTS).jobs
+    assert [j.sampling.structured for j in jobs] == [
+        StructuredOutput.json_schema(schema),
+        StructuredOutput.choice(["yes", "no"], param="guided_choice"),
+        StructuredOutput("json_object"),
+        None,
+    ]
+    assert jobs[1].sampling.logit_bias == {7: -100.0}
+
+
+def test_constrained_lines_run_and_out_of_vocabulary_bias_is_a_bad_line(tiny: Path, tmp_path: Path) -> None:
+    import re
+
+    src = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": "r", "prompt": "a", "regex": "[0-9]{3}-[0-9]{2}", "max_tokens": 30, "temperature": 1.0},
+        {"id": "b", "prompt": "a", "logit_bias": {"99999": 1}},
+    ])  # fmt: skip
+    out = tmp_path / "out.jsonl"
+    res = run_generate("-f", src, "-o", out, "-m", tiny, *KV)
+    records = read_jsonl(out)
+    assert [r["id"] for r in records] == ["r"] and re.fullmatch("[0-9]{3}-[0-9]{2}", records[0]["text"])
+    assert records[0]["finish_reason"] == "stop"
+    assert any("skipped input line 2" in line and "logit_bias" in line for line in res.stderr.splitlines())

@@ -20,6 +20,7 @@ from minisgl_cli.errors import UsageError
 
 if TYPE_CHECKING:
     from minisgl_cli.engine.llm import LLM
+    from minisgl_cli.engine.structured import StructuredOutput
 
 # The untimed warm-up run: small, so it costs little, but it runs prefill, decode and sampling once.
 WARMUP_INPUT_LEN = 16
@@ -72,8 +73,12 @@ def run_offline(
     system: str = "minisgl",
     warmup: bool = True,
     temperature: float = 0.0,
+    structured: StructuredOutput | None = None,
 ) -> ThroughputResult:
     """Warm up (unless the caller did), then run every request of `workload` through `llm` in one call and time it.
+
+    With `structured`, every request's output is constrained to it (and ends when it is complete); the warm-up
+    compiles its grammar, so the timed run measures the masks, as a server that has seen the schema would.
 
     `on_done(1)` is called as each request finishes (for a progress bar); its cost is inside the timing, so it
     must be cheap.
@@ -81,10 +86,17 @@ def run_offline(
     check_fits(workload, llm.scheduler.max_seq_len)
     if warmup:
         warm_up(llm)
+        if structured is not None:
+            prompt = warmup_prompt(llm.runner.model_config.vocab_size)
+            llm.generate(
+                prompt, SamplingParams(temperature=0.0, max_tokens=WARMUP_OUTPUT_LEN, structured=structured)
+            )
     llm.scheduler.drop_cached_prefixes()  # nothing from an earlier run may be reused by the timed one
     prompts = [r.prompt_ids for r in workload.requests]
     params = [
-        SamplingParams(temperature=temperature, max_tokens=r.output_len, ignore_eos=True)
+        SamplingParams(
+            temperature=temperature, max_tokens=r.output_len, ignore_eos=True, structured=structured
+        )
         for r in workload.requests
     ]
     input_tokens = output_tokens = cached_tokens = 0

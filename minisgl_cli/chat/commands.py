@@ -5,12 +5,12 @@ Every mistake is a UsageError with one line that says what was expected, so the 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from minisgl_cli.config import SETTINGS, check_value
+from minisgl_cli.engine.structured import read_json_schema
 from minisgl_cli.errors import UsageError
 
 # What /set may change: the sampling settings a person tunes while chatting.
@@ -122,22 +122,6 @@ def _path(name: str, arg: str) -> Path:
     if not arg:
         raise UsageError(f"{name} needs a file name, e.g. {name} chat.json")
     return Path(arg).expanduser()
-
-
-def read_json_schema(path: Path, where: str) -> dict[str, Any]:
-    """The JSON schema in `path`, checked as a constraint (UsageError naming the file and the problem)."""
-    from minisgl_cli.engine.structured import StructuredOutput
-
-    try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{where}: {path} is not JSON: {exc}") from None
-    if not isinstance(schema, dict):
-        raise UsageError(f"{where}: {path} must hold a JSON schema object")
-    StructuredOutput.json_schema(schema, param=f"{where} {path}").check()
-    return schema
 
 
 def _parse_set(arg: str) -> Set:

@@ -107,6 +107,15 @@ def offline(
             max=100.0,
         ),
     ] = 0.6,
+    json_schema: Annotated[
+        Path | None,
+        typer.Option(
+            "--json-schema",
+            help="Constrain every request's output to the JSON schema in this file (structured outputs); a "
+            "request then ends when its JSON is complete.",
+            show_default=False,
+        ),
+    ] = None,
     json_path: JsonOption = None,
     plot_path: PlotOption = None,
 ) -> None:
@@ -135,6 +144,17 @@ def offline(
             raise UsageError(
                 f"{SETTINGS[name].flag} is for online serving benchmarks; bench offline sends every request at once"
             )
+    if json_schema is not None and baseline is not None:
+        raise UsageError("--json-schema constrains minisgl only: the transformers baseline cannot run it")
+    from minisgl_cli.engine.structured import StructuredOutput, read_json_schema
+
+    structured = (
+        None
+        if json_schema is None
+        else StructuredOutput.json_schema(
+            read_json_schema(json_schema, "--json-schema"), param="--json-schema"
+        )
+    )
     if hf_batch_size is not None and baseline is None:
         raise UsageError("--hf-batch-size sets the transformers baseline's batch size: add --baseline hf")
     hf_batch_size = DEFAULT_HF_BATCH_SIZE if hf_batch_size is None else hf_batch_size
@@ -158,7 +178,7 @@ def offline(
     setup = _setup(engine)
     workload = _offline_workload(cfg, setup)
     with LLM.from_config(engine) as llm, _progress("minisgl", len(workload.requests)) as advance:
-        results = [run_offline(llm, workload, advance, temperature=temperature)]
+        results = [run_offline(llm, workload, advance, temperature=temperature, structured=structured)]
     del llm  # its weights and KV pool go before the baseline loads
     if baseline == "hf":
         from minisgl_cli.bench.hf_baseline import run_hf_offline
@@ -179,6 +199,7 @@ def offline(
             "dataset_seed": bench.dataset_seed,
             "hf_batch_size": hf_batch_size if baseline else None,
             "temperature": temperature,
+            "json_schema": None if json_schema is None else str(json_schema),
         }
         config = _report_config(engine, setup, baseline, workload_config)
         _write(json_path, build_report("offline", config, results, comparisons))

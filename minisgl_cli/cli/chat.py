@@ -67,9 +67,9 @@ def chat(
 
     Example: minisgl chat --temperature 0.7, or minisgl chat --url http://127.0.0.1:1919
     """
-    from minisgl_cli.chat.commands import read_json_schema
     from minisgl_cli.chat.conversation import Conversation
     from minisgl_cli.chat.repl import Repl, piped_output, terminal_output
+    from minisgl_cli.engine.structured import read_json_schema
 
     if api_key is not None and url is None:
         raise UsageError("--api-key is for a server: give its --url too")

@@ -130,6 +130,7 @@ def _encode(llm: LLM, jobs: list[Job]) -> tuple[list[list[int]], list[Job], list
     bad: list[BadLine] = []
     for job in jobs:
         try:
+            llm.check_sampling(job.sampling)
             prompts.append(llm.encode(job.prompt))
         except UsageError as exc:
             bad.append(BadLine(job.line_no, str(exc)))

@@ -195,12 +195,16 @@ class LLM:
         self.scheduler.check_prompt(ids)
         return ids
 
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """UsageError for settings this model cannot take (engine/request.check_for_model)."""
+        check_for_model(sampling, self.runner.model_config.vocab_size, self.tokenizer is not None)
+
     def _submit(self, prompts: Prompts, sampling: Sampling) -> list[OutputBuilder]:
         """Tokenize and queue every prompt, or none of them: bad input raises before any work."""
         items = split_prompts(prompts)
         params = _sampling_list(sampling, len(items))
         for sp in params:
-            check_for_model(sp, self.runner.model_config.vocab_size, self.tokenizer is not None)
+            self.check_sampling(sp)
         ids = [self.encode(p) for p in items]
         builders: list[OutputBuilder] = []
         try:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from minisgl_cli.errors import InvalidParameter
+from minisgl_cli.errors import InvalidParameter, UsageError
 
 if TYPE_CHECKING:
     import xgrammar
@@ -107,6 +108,20 @@ class StructuredOutput:
                 f"{self.param} must be a non-empty list of non-empty strings", param=self.param
             )
         return options
+
+
+def read_json_schema(path: Path, where: str) -> dict[str, Any]:
+    """The JSON schema in `path`, checked as a constraint (UsageError naming the file and the problem)."""
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{where}: {path} is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"{where}: {path} must hold a JSON schema object")
+    StructuredOutput.json_schema(schema, param=f"{where} {path}").check()
+    return schema
 
 
 # xgrammar (0.2.9) writes a string with minLength/maxLength as a repeat of this class, which lets raw control
