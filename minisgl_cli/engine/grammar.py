@@ -7,8 +7,9 @@ request, and the token mask of each step (xgrammar, the grammar engine SGLang an
   thread too, on first use, so an engine that never sees a constrained request never pays for it.
 - `Matcher` wraps one request's xgrammar matcher: the tokens it has generated so far, the mask of what may
   come next, and whether the grammar has ended.
-- `apply_masks(logits, rows, matchers)` fills the step's bitmask for the constrained rows only and applies it
-  in place (xgrammar's kernel: C++ on the CPU, CUDA/Triton on a GPU); unconstrained rows are not touched.
+- `GrammarBackend.apply_masks(logits, rows, matchers)` fills the step's bitmask for the constrained rows only
+  and applies it in place (xgrammar's kernel: C++ on the CPU, CUDA/Triton on a GPU); unconstrained rows are
+  not touched.
 
 The scheduler (scheduler.py) holds requests whose grammar is compiling apart from the queue, and fills a
 constrained row's mask only once its previous token is known (with overlap scheduling: after that token's
@@ -54,6 +55,7 @@ class GrammarBackend:
         self._compiler: xgrammar.GrammarCompiler | None = None
         self._compiler_lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, str], Future[xgrammar.CompiledGrammar]] = OrderedDict()
+        self._batch: xgrammar.BatchGrammarMatcher | None = None  # fills many rows' masks at once
 
     def compile(self, structured: StructuredOutput) -> Future[xgrammar.CompiledGrammar]:
         """The compiled grammar of `structured`, now or soon (a failed compile's error is in the future)."""
@@ -72,6 +74,30 @@ class GrammarBackend:
         import xgrammar as xgr
 
         return Matcher(xgr.GrammarMatcher(compiled))
+
+    def apply_masks(self, logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[Matcher]) -> None:
+        """Set to -inf, in place, every logit that row rows[i]'s matcher does not allow next.
+
+        The bitmask holds the constrained rows only (a bit per token: V/8 bytes a row), filled by xgrammar's
+        batch matcher on its threads (about 9 us a row inside a JSON string at a 152k vocabulary, on one
+        core), so the host fills and copies nothing for the other rows; when some rows are unconstrained,
+        theirs stay untouched and the constrained ones are gathered, masked and written back."""
+        import xgrammar as xgr
+
+        if self._batch is None:
+            self._batch = xgr.BatchGrammarMatcher(max_threads=COMPILE_THREADS)
+        bitmask = xgr.allocate_token_bitmask(len(rows), logits.shape[1])
+        self._batch.batch_fill_next_token_bitmask([m.xgr_matcher for m in matchers], bitmask)
+        if logits.is_cuda:
+            # Pinned, so the copy does not block; torch's pinned-memory cache keeps a block until its copy is done.
+            bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+        if len(rows) == logits.shape[0] and list(rows) == list(range(len(rows))):
+            xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1])
+            return
+        index = to_device(list(rows), torch.int64, logits.device)
+        picked = logits.index_select(0, index)
+        xgr.apply_token_bitmask_inplace(picked, bitmask, vocab_size=logits.shape[1])
+        logits.index_copy_(0, index, picked)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -99,40 +125,14 @@ class Matcher:
     """One request's position in its grammar."""
 
     def __init__(self, matcher: xgrammar.GrammarMatcher) -> None:
-        self._m = matcher
+        self.xgr_matcher = matcher
 
     def accept(self, token_id: int) -> bool:
         """Advance by a generated token; False when the grammar does not allow it (it was not masked: a token
         sampled before the mask applied, which the scheduler never does)."""
-        return bool(self._m.accept_token(token_id))
+        return bool(self.xgr_matcher.accept_token(token_id))
 
     @property
     def ended(self) -> bool:
         """The grammar is complete and its end (an eos token) accepted: the request stops here."""
-        return bool(self._m.is_terminated())
-
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        self._m.fill_next_token_bitmask(bitmask, row)
-
-
-def apply_masks(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[Matcher]) -> None:
-    """Set to -inf, in place, every logit that row rows[i]'s matcher does not allow next.
-
-    The bitmask holds the constrained rows only (a bit per token: V/8 bytes a row), so the host fills and
-    copies nothing for the others; when some rows are unconstrained, their rows of the logits stay untouched
-    and the constrained ones are gathered, masked and written back."""
-    import xgrammar as xgr
-
-    bitmask = xgr.allocate_token_bitmask(len(rows), logits.shape[1])
-    for i, matcher in enumerate(matchers):
-        matcher.fill(bitmask, i)
-    if logits.is_cuda:
-        # Pinned, so the copy does not block; torch's pinned-memory cache keeps a block until its copy is done.
-        bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
-    if len(rows) == logits.shape[0] and list(rows) == list(range(len(rows))):
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1])
-        return
-    index = to_device(list(rows), torch.int64, logits.device)
-    picked = logits.index_select(0, index)
-    xgr.apply_token_bitmask_inplace(picked, bitmask, vocab_size=logits.shape[1])
-    logits.index_copy_(0, index, picked)
+        return bool(self.xgr_matcher.is_terminated())

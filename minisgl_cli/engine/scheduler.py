@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from minisgl_cli.engine.grammar import GrammarBackend, apply_masks
+from minisgl_cli.engine.grammar import GrammarBackend
 from minisgl_cli.engine.kv.prefix_cache import PrefixCache
 from minisgl_cli.engine.logit_bias import apply_logit_bias
 from minisgl_cli.engine.penalties import PenaltyState, needs_penalties
@@ -353,7 +353,8 @@ class Scheduler:
             self._done_early = self._process(prev)
         rows = [i for i, r in enumerate(reqs) if r.matcher is not None and not r.finished]
         if rows:
-            apply_masks(logits, rows, [reqs[i].matcher for i in rows])  # type: ignore[misc]
+            assert self.grammars is not None
+            self.grammars.apply_masks(logits, rows, [reqs[i].matcher for i in rows])  # type: ignore[misc]
 
     def _process(self, flight: InflightBatch) -> list[Req]:
         """Wait for a launched batch's tokens, append them and retire the requests that finish."""
