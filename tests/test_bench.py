@@ -344,6 +344,24 @@ def run_bench(*args: str | Path) -> CliResult:
 RATIO = re.compile(r"^minisgl / hf output tok/s = \d+\.\d\dx$", re.MULTILINE)
 
 
+def test_offline_json_schema_constrains_every_request(tiny: Path, tmp_path: Path) -> None:
+    """Each request ends when its JSON is complete (a bounded schema: well before its output length), and the
+    report names the schema; the transformers baseline cannot take one."""
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}},
+                                  "required": ["n"], "additionalProperties": False}))  # fmt: skip
+    out = tmp_path / "offline.json"
+    args = ("--num-prompts", "4", "--input-len", "3,10", "--output-len", "40", "--json-schema", schema)
+    res = run_bench("offline", "-m", tiny, *KV, *args, "--json", out)
+    assert res.code == 0, res.stderr
+    report = json.loads(out.read_text())
+    assert report["config"]["bench"]["json_schema"] == str(schema)
+    # '{"n": 7}' and the eos: a handful of tokens each, far below the 40 asked for.
+    assert 4 <= report["results"][0]["output_tokens"] <= 4 * 12
+    bad = run_bench("offline", "-m", tiny, *KV, *args, "--baseline", "hf")
+    assert bad.code == 2 and "--json-schema constrains minisgl only" in bad.stderr
+
+
 def test_offline_command_with_hf_baseline_prints_and_writes_json(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "offline.json"
     args = ("--num-prompts", "5", "--input-len", "3,10", "--output-len", "2,6", "--dataset-seed", "4")
@@ -376,6 +394,7 @@ def test_offline_command_with_hf_baseline_prints_and_writes_json(tiny: Path, tmp
         "dataset_seed": 4,
         "hf_batch_size": 2,
         "temperature": 0.6,
+        "json_schema": None,
     }
     ratio = float(RATIO.search(res.stdout).group(0).split("= ")[1].rstrip("x"))
     assert ratio == pytest.approx(report["comparisons"][0]["ratio"], abs=0.006)

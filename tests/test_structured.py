@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from model_helpers import make_tiny_model
+from model_helpers import GPU_SHAPE, make_tiny_model
 from test_overlap import generate_both
 
 from minisgl_cli.engine import grammar
@@ -110,7 +110,9 @@ def test_unknown_kinds_and_bad_logit_bias_are_refused() -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("structured"), "llama", seed=11)
+    # GPU_SHAPE with a head_dim FlashInfer's prebuilt kernels cover: on a GPU these tests run there (bf16 logits
+    # through xgrammar's CUDA mask kernel, overlap scheduling for real).
+    return make_tiny_model(tmp_path_factory.mktemp("structured"), "llama", seed=11, **GPU_SHAPE, head_dim=64)
 
 
 @pytest.fixture(scope="module")
