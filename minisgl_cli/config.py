@@ -175,6 +175,16 @@ class ServerConfig(_Section):
     max_queue: int = setting(1024, "Most waiting requests before new ones get HTTP 503.", min=1)
     num_tokenizers: int = setting(1, "Tokenizer worker processes.", min=1)
     served_model_name: str | None = setting(None, "Model name reported by the API (default: the model path).")
+    tool_call_parser: str = setting(
+        "auto",
+        "How tool calls are read from the model's output (auto: from its chat template; none: never).",
+        choices=("auto", "none", "hermes", "llama3_json", "mistral"),
+    )
+    reasoning_parser: str = setting(
+        "auto",
+        "How thinking is split from the answer into reasoning_content (auto: qwen3 for Qwen3; none: never).",
+        choices=("auto", "none", "qwen3", "qwen3-thinking", "deepseek-r1"),
+    )
     nnodes: int = setting(1, "Machines the --tp ranks are spread over (each runs tp/nnodes of them).", min=1)
     node_rank: int = setting(0, "This machine's place among the --nnodes (0 serves HTTP).", min=0)
     dist_init_addr: str | None = setting(

@@ -245,8 +245,17 @@ API_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_re
               "guided_grammar", "regex", "ebnf", "logit_bias")  # fmt: skip
 
 
+# Fields that change what a chat answer is, which a line's plain text output cannot carry: refused, not dropped.
+SERVER_ONLY = ("tools", "tool_choice", "functions", "function_call")
+
+
 def _api_fields(obj: dict[str, Any]) -> dict[str, Any]:
     """The line's output constraint and logit_bias, as SamplingParams fields (LineError when invalid)."""
+    for key in SERVER_ONLY:
+        if obj.get(key) not in (None, [], "none"):
+            raise LineError(
+                f"field '{key}': tool calling is for `minisgl serve`; generate's output is plain text"
+            )
     given = {k: obj[k] for k in API_FIELDS if obj.get(k) is not None}
     if not given:
         return {}

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 
 from minisgl_cli.config import SamplingConfig
 from minisgl_cli.engine.request import SamplingParams
+from minisgl_cli.engine.tokenize import ChatPrompt
 from minisgl_cli.server.api import ApiSettings, create_app
 from minisgl_cli.server.engine_client import EngineUnavailable, RequestRejected
 from minisgl_cli.server.messages import (
@@ -50,10 +51,12 @@ class Call:
 
 
 def prompt_words(prompt: Any) -> list[str]:
+    if isinstance(prompt, ChatPrompt):
+        prompt = prompt.messages
     if isinstance(prompt, str):
         return prompt.split()
     if prompt and isinstance(prompt[0], dict):
-        return " ".join(m["content"] for m in prompt).split()
+        return " ".join(m["content"] or "" for m in prompt).split()
     return [f"t{t}" for t in prompt]
 
 
@@ -166,9 +169,13 @@ class FakeEngine:
                 self.aborted.append(rid)
 
 
-def make_app(engine: FakeEngine | None = None, api_key: str | None = None) -> tuple[FastAPI, FakeEngine]:
+def make_app(
+    engine: FakeEngine | None = None, api_key: str | None = None, **settings_fields: Any
+) -> tuple[FastAPI, FakeEngine]:
     engine = engine or FakeEngine()
-    settings = ApiSettings(served_model_name=MODEL, api_key=api_key, sampling_defaults=DEFAULTS)
+    settings = ApiSettings(
+        served_model_name=MODEL, api_key=api_key, sampling_defaults=DEFAULTS, **settings_fields
+    )
     return create_app(engine, settings), engine  # type: ignore[arg-type]
 
 

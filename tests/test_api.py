@@ -88,7 +88,7 @@ def test_chat_completion_shape_and_usage(client: TestClient, engine: FakeEngine)
         "prompt_tokens_details": {"cached_tokens": 0},
     }
     (call,) = engine.calls
-    assert call.prompt == [{"role": "user", "content": "alpha beta gamma"}]
+    assert call.prompt.messages == [{"role": "user", "content": "alpha beta gamma"}]
     assert not call.max_tokens_explicit
 
 
@@ -145,7 +145,7 @@ def test_content_parts_and_roles(client: TestClient, engine: FakeEngine) -> None
     ]
     r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "unknown_field": 1})
     assert r.status_code == 200
-    assert engine.calls[-1].prompt == [
+    assert engine.calls[-1].prompt.messages == [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "x y\nz"},
         {"role": "assistant", "content": ""},

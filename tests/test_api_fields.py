@@ -317,7 +317,7 @@ def test_constraints_and_stop_strings_need_a_tokenizer() -> None:
 CHAT_HANDLED = {
     "messages", "model", "max_tokens", "max_completion_tokens", "n", "stop", "temperature", "top_p", "seed",
     "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", "stream_options", "response_format",
-    "logit_bias",
+    "logit_bias", "tools", "tool_choice", "parallel_tool_calls",
 }  # fmt: skip
 COMPLETION_HANDLED = {
     "prompt", "model", "max_tokens", "n", "stop", "temperature", "top_p", "seed", "frequency_penalty",
@@ -335,9 +335,6 @@ CHAT_NOOPS = {
 COMPLETION_NOOPS = {"user": "user-1"}
 # Refused with a 400 naming them: one value each that asks for something, and the values accepted.
 CHAT_REFUSED: dict[str, tuple[Any, list[Any]]] = {
-    "tools": ([{"type": "function", "function": {"name": "f"}}], [None, []]),
-    "tool_choice": ("auto", [None, "none"]),
-    "parallel_tool_calls": (True, [None, False]),
     "functions": ([{"name": "f"}], [None, []]),
     "function_call": ("auto", [None, "none"]),
     "audio": ({"voice": "alloy", "format": "wav"}, [None]),
@@ -440,10 +437,8 @@ MESSAGE_TYPES = [
     "ChatCompletionToolMessageParam",
     "ChatCompletionFunctionMessageParam",
 ]
-MESSAGE_HANDLED = {"role", "content", "name"}
+MESSAGE_HANDLED = {"role", "content", "name", "tool_calls", "tool_call_id"}  # tool calls: test_tool_calls.py
 MESSAGE_REFUSED = {
-    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
-    "tool_call_id": "c1",
     "function_call": {"name": "f", "arguments": "{}"},
     "audio": {"id": "a1"},
     "refusal": "I cannot",
@@ -487,7 +482,7 @@ def test_function_messages_are_refused(client: TestClient) -> None:
 def test_message_names_reach_the_chat_template(client: TestClient, engine: FakeEngine) -> None:
     messages = [{"role": "user", "name": "ada", "content": "a"}, {"role": "assistant", "content": "b"}]
     assert client.post(CHAT, json={"model": MODEL, "messages": messages}).status_code == 200
-    assert engine.calls[-1].prompt == [
+    assert engine.calls[-1].prompt.messages == [
         {"role": "user", "content": "a", "name": "ada"},
         {"role": "assistant", "content": "b"},
     ]

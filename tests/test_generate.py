@@ -155,6 +155,10 @@ BAD_LINES = [
     ('{"prompt": "x", "regex": "a", "guided_choice": ["b"]}', "sets both 'guided_choice' and 'regex'"),
     ('{"prompt": "x", "logit_bias": {"x": 1}}', "field 'logit_bias': keys must be token ids"),
     ('{"prompt": "x", "logit_bias": {"1": 500}}', "logit_bias values must be in [-100, 100]"),
+    (
+        '{"prompt": "x", "tools": [{"type": "function"}]}',
+        "field 'tools': tool calling is for `minisgl serve`",
+    ),
 ]
 
 

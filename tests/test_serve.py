@@ -636,9 +636,13 @@ def test_bad_constraints_and_tools_are_400_naming_the_field(client: openai.OpenA
         client.chat.completions.create(model=model_name, messages=CHAT, extra_body={"guided_regex": "a(b"})
     assert _error(info.value)["param"] == "guided_regex"
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    with pytest.raises(openai.BadRequestError) as info:
+    with pytest.raises(openai.BadRequestError) as info:  # SmolLM2's template shows no tool format to parse
         client.chat.completions.create(model=model_name, messages=CHAT, tools=[tool])  # type: ignore[list-item]
-    assert _error(info.value)["param"] == "tools"
+    assert _error(info.value)["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model_name, messages=CHAT, tools=[tool],  # type: ignore[list-item]
+                                       tool_choice={"type": "function", "function": {"name": "g"}})  # fmt: skip
+    assert _error(info.value)["param"] == "tool_choice" and "'g'" in _error(info.value)["message"]
 
 
 def test_logit_bias_bans_the_greedy_first_token(
@@ -654,3 +658,72 @@ def test_logit_bias_bans_the_greedy_first_token(
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=model_name, prompt=COUNTING, logit_bias={"99999999": 1})
     assert _error(info.value)["param"] == "logit_bias"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "pattern": "^[A-Z]{3}$"}}, "required": ["zone"],
+    "additionalProperties": False}}}  # fmt: skip
+WEATHER_CHAT = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+def _streamed_calls(client: openai.OpenAI, **kwargs: Any) -> tuple[list[tuple[str, str]], str | None]:
+    calls: dict[int, list[str]] = {}
+    finish = None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                slot = calls.setdefault(call.index, ["", ""])
+                slot[0] += (call.function.name or "") if call.function else ""
+                slot[1] += (call.function.arguments or "") if call.function else ""
+            finish = choice.finish_reason or finish
+    return [(name, args) for name, args in (calls[i] for i in sorted(calls))], finish
+
+
+def test_named_and_required_tool_calls_validate_streamed_and_not(
+    client: openai.OpenAI, model_name: str
+) -> None:
+    """A grammar built from the tools' schemas makes even this small model's calls valid."""
+    import jsonschema
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER_TOOL, CLOCK_TOOL)}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for temperature in (0.0, 1.0):
+        kwargs = dict(model=model_name, messages=WEATHER_CHAT, tools=[WEATHER_TOOL, CLOCK_TOOL], max_tokens=60,
+                      temperature=temperature, seed=3)  # fmt: skip
+        choice = client.chat.completions.create(tool_choice=named, **kwargs).choices[0]  # type: ignore[arg-type]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls or []
+        assert call.id.startswith("call_") and call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), schemas["get_weather"])
+        streamed, finish = _streamed_calls(client, tool_choice=named, **kwargs)
+        assert finish == "tool_calls" and streamed == [(call.function.name, call.function.arguments)]
+        required = client.chat.completions.create(tool_choice="required", **kwargs).choices[0]  # type: ignore[arg-type]
+        assert required.finish_reason == "tool_calls" and required.message.tool_calls
+        for made in required.message.tool_calls:
+            jsonschema.validate(json.loads(made.function.arguments), schemas[made.function.name])
+        single = client.chat.completions.create(tool_choice="required", parallel_tool_calls=False, **kwargs)  # type: ignore[arg-type]
+        assert len(single.choices[0].message.tool_calls or []) == 1
+
+
+def test_a_tool_result_round_trips(client: openai.OpenAI, model_name: str) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    first = client.chat.completions.create(model=model_name, messages=WEATHER_CHAT, tools=[WEATHER_TOOL],  # type: ignore[list-item]
+                                           tool_choice=named, max_tokens=60, temperature=0)  # type: ignore[arg-type]  # fmt: skip
+    message = first.choices[0].message
+    history = [*WEATHER_CHAT, message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "18 C and sunny"}]  # type: ignore[index]  # fmt: skip
+    answer = client.chat.completions.create(model=model_name, messages=history, max_tokens=20, temperature=0)  # type: ignore[arg-type]
+    assert answer.choices[0].message.content and answer.choices[0].finish_reason in ("stop", "length")

@@ -52,7 +52,9 @@ from pydantic import BaseModel
 
 from minisgl_cli.config import SamplingConfig
 from minisgl_cli.engine.request import SamplingParams
+from minisgl_cli.engine.tokenize import ChatPrompt
 from minisgl_cli.server import protocol as p
+from minisgl_cli.server.chat_output import ChatOutputRules
 from minisgl_cli.server.engine_client import EngineClient
 from minisgl_cli.server.fanout import Choice, Fanout, Job, drain, make_jobs, usage_of
 from minisgl_cli.server.formats import (
@@ -85,6 +87,9 @@ class ApiSettings:
     api_key: str | None = None
     # Server-wide defaults for the sampling fields a request leaves out (same names as SamplingParams').
     sampling_defaults: SamplingConfig = field(default_factory=SamplingConfig)
+    # How chat outputs are read (server/chat_output.py): None reads no tool calls / no reasoning.
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 # ---- disconnect watching
@@ -199,9 +204,19 @@ def create_app(engine: EngineClient, settings: ApiSettings) -> FastAPI:
         sampling = _sampling_params(
             body, settings.sampling_defaults, max_tokens=max_tokens, logprobs=logprobs
         )
-        messages = [m.to_prompt() for m in body.messages]
-        fmt = ChatFormat(settings.served_model_name, logprobs=body.logprobs, include_usage=body.include_usage)
-        jobs = make_jobs([messages], body.n, sampling)
+        mode, tool_name = body.tool_rules()
+        template_kwargs = body.chat_template_kwargs or {}
+        prompt = ChatPrompt([m.to_prompt() for m in body.messages], body.tool_definitions(), template_kwargs)
+        rules = ChatOutputRules(mode, tool_name, settings.tool_call_parser, settings.reasoning_parser)
+        if mode == "auto" and settings.tool_call_parser is None:
+            message = (
+                "this server reads no tool calls from free text (--tool-call-parser none, or none detected)"
+            )
+            raise ApiError(400, message + ": use tool_choice 'required' or a named tool", param="tool_choice")
+        fmt = ChatFormat(
+            settings.served_model_name, logprobs=body.logprobs, include_usage=body.include_usage, rules=rules
+        )
+        jobs = make_jobs([prompt], body.n, sampling)
         return await serve(
             request,
             fmt,

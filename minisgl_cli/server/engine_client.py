@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from minisgl_cli.engine.request import SamplingParams
-from minisgl_cli.engine.tokenize import Prompt
+from minisgl_cli.engine.tokenize import ChatPrompt, Prompt
 from minisgl_cli.server.messages import (
     AbortRequest,
     EngineStats,
@@ -163,9 +163,9 @@ class EngineClient:
                     queue.put_nowait(item)
 
 
-def _plain(prompt: Prompt) -> str | list[int] | list[dict[str, object]]:
+def _plain(prompt: Prompt) -> str | list[int] | list[dict[str, object]] | ChatPrompt:
     """The prompt as msgpack-able builtins (chat messages may arrive as pydantic-made mappings)."""
-    if isinstance(prompt, str):
+    if isinstance(prompt, (str, ChatPrompt)):
         return prompt
     items = list(prompt)
     if items and isinstance(items[0], int):

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from minisgl_cli.server import protocol as p
+from minisgl_cli.server.chat_output import ChatOutput, ChatOutputRules
 from minisgl_cli.server.fanout import Choice, Fanout, usage_of
 from minisgl_cli.server.http_errors import as_api_error
 from minisgl_cli.server.messages import TextOutput, TokenLogprobs
@@ -92,20 +93,37 @@ def completion_logprobs(tokens: Sequence[TokenLogprobs], start: int) -> p.Comple
 
 
 class ChatFormat(_OpenAIFormat):
+    """Chat completions; each choice's text read by `rules` into answer, reasoning and tool calls."""
+
     id_prefix = "chatcmpl-"
 
-    def _chunk(self, index: int, delta: dict[str, str], **fields: Any) -> p.ChatCompletionChunk:
+    def __init__(
+        self, model: str, *, logprobs: bool, include_usage: bool, rules: ChatOutputRules | None = None
+    ) -> None:
+        super().__init__(model, logprobs=logprobs, include_usage=include_usage)
+        self.rules = rules or ChatOutputRules()
+        self._outputs: dict[int, ChatOutput] = {}  # a stream's choices, as their text arrives
+
+    def _chunk(self, index: int, delta: dict[str, Any], **fields: Any) -> p.ChatCompletionChunk:
         choice = p.ChatChunkChoice(index=index, delta=delta, **fields)
         return p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
 
     def chunks(self, choice: Choice, out: TextOutput) -> Iterable[BaseModel]:
+        output = self._outputs.setdefault(choice.index, ChatOutput(self.rules))
         if choice.num_outputs == 0:
             yield self._chunk(choice.index, {"role": "assistant", "content": ""})
-        if out.text or out.logprobs:
-            logprobs = chat_logprobs(out.logprobs) if self.logprobs and out.logprobs else None
-            yield self._chunk(choice.index, {"content": out.text}, logprobs=logprobs)
+        deltas = output.feed(out.text) if out.text else []
+        if out.logprobs and self.logprobs:
+            # Logprobs ride on the piece's first delta (or an empty one when the text is held back).
+            first = deltas.pop(0) if deltas else {"content": ""}
+            yield self._chunk(choice.index, first, logprobs=chat_logprobs(out.logprobs))
+        for delta in deltas:
+            yield self._chunk(choice.index, delta)
         if out.finish_reason is not None:
-            yield self._chunk(choice.index, {}, finish_reason=out.finish_reason)
+            last, finish_reason = output.finish(out.finish_reason)
+            for delta in last:
+                yield self._chunk(choice.index, delta)
+            yield self._chunk(choice.index, {}, finish_reason=finish_reason)
 
     def usage_chunk(self, usage: p.Usage) -> BaseModel:
         return p.ChatCompletionChunk(
@@ -117,16 +135,26 @@ class ChatFormat(_OpenAIFormat):
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[
-                p.ChatChoice(
-                    index=c.index,
-                    message=p.AssistantMessage(content=c.text),
-                    logprobs=chat_logprobs(c.logprobs) if self.logprobs else None,
-                    finish_reason=c.finish_reason,
-                )
-                for c in choices
-            ],
+            choices=[self._choice(c) for c in choices],
             usage=usage,
+        )
+
+    def _choice(self, choice: Choice) -> p.ChatChoice:
+        output = ChatOutput(self.rules)
+        output.feed(choice.text)
+        _, finish_reason = output.finish(choice.finish_reason)
+        message = output.message()
+        calls = [
+            p.ToolCallOut(id=c.id, function=p.FunctionCallOut(name=c.name, arguments=c.arguments))
+            for c in message.tool_calls
+        ]
+        return p.ChatChoice(
+            index=choice.index,
+            message=p.AssistantMessage(
+                content=message.content, reasoning_content=message.reasoning_content, tool_calls=calls or None
+            ),
+            logprobs=chat_logprobs(choice.logprobs) if self.logprobs else None,
+            finish_reason=finish_reason,
         )
 
 

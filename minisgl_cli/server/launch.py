@@ -121,7 +121,7 @@ def serve(config: Config, log_level: str) -> int:
                 nodes.init_addr,
             )
         with _engine_processes(config, nodes, source, log_level, server_cfg.num_tokenizers) as started:
-            return _serve_http(listener, *started, config)
+            return _serve_http(listener, *started, config, source)
     finally:
         listener.close()
 
@@ -285,17 +285,27 @@ def _log_startup(info: Ready, children: list[_Child], listener: socket.socket, c
 
 
 def _serve_http(
-    listener: socket.socket, addresses: IpcAddresses, info: Ready, children: list[_Child], config: Config
+    listener: socket.socket,
+    addresses: IpcAddresses,
+    info: Ready,
+    children: list[_Child],
+    config: Config,
+    source: ModelSource,
 ) -> int:
     import uvicorn
 
     from minisgl_cli.server.api import ApiSettings, create_app
+    from minisgl_cli.server.output_parsers import pick_parsers
 
     engine = EngineClient(addresses, info)
+    tool_parser, reasoning_parser = pick_parsers(config.server, source)
+    log.info("tool-call parser: %s; reasoning parser: %s", tool_parser or "none", reasoning_parser or "none")
     settings = ApiSettings(
         served_model_name=config.server.served_model_name or info.model_name,
         api_key=config.server.api_key,
         sampling_defaults=config.sampling,
+        tool_call_parser=tool_parser,
+        reasoning_parser=reasoning_parser,
     )
     debug = log.getEffectiveLevel() <= logging.DEBUG
     server = uvicorn.Server(

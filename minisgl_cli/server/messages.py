@@ -19,6 +19,7 @@ import msgpack
 
 from minisgl_cli.engine.request import SamplingParams
 from minisgl_cli.engine.structured import StructuredOutput
+from minisgl_cli.engine.tokenize import ChatPrompt
 
 _TYPE_KEY = "__t"
 _TYPES: dict[str, type] = {}
@@ -31,15 +32,16 @@ def _register(cls: type) -> type:
 
 _register(SamplingParams)
 _register(StructuredOutput)
+_register(ChatPrompt)
 
 
 @_register
 @dataclass
 class GenerateRequest:
-    """A prompt to run: text, token ids, or chat messages ({"role", "content"} dicts)."""
+    """A prompt to run: text, token ids, chat messages ({"role", "content"} dicts), or a ChatPrompt."""
 
     rid: int
-    prompt: str | list[int] | list[dict[str, Any]]
+    prompt: str | list[int] | list[dict[str, Any]] | ChatPrompt
     sampling: SamplingParams
     # The client set max_tokens itself: a prompt that leaves less room is an error, not a silent clip.
     max_tokens_explicit: bool = False

@@ -25,15 +25,18 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     Strict,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic.fields import FieldInfo
 
 from minisgl_cli.engine.structured import StructuredOutput
 from minisgl_cli.errors import InvalidParameter
+from minisgl_cli.server.chat_output import required_schema
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +71,10 @@ def refusal(info: FieldInfo) -> Refused | None:
     return next((m for m in info.metadata if isinstance(m, Refused)), None)
 
 
-_TOOL_CALL = Refused("tool calling is not implemented yet")
-_TOOLS = Refused(_TOOL_CALL.why, (None, []))
-_TOOL_CHOICE = Refused(_TOOL_CALL.why, (None, "none"))
+_LEGACY_FUNCTIONS = Refused("OpenAI's deprecated functions API is not implemented: use 'tools'", (None, []))
+_LEGACY_FUNCTION_CALL = Refused(
+    "OpenAI's deprecated functions API is not implemented: use 'tool_choice'", (None, "none")
+)
 _warned: set[str] = set()  # unknown field names already logged by this process
 _MAX_WARNED = 256  # then no more: a client making up names must not grow the set (or the log) forever
 
@@ -280,13 +284,35 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCallIn(Lenient):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it back
+
+
+class ToolCallIn(Lenient):
+    """A tool call of an earlier assistant turn, sent back with the history."""
+
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+    def to_prompt(self) -> dict[str, Any]:
+        # Chat templates (Qwen's, Llama's) render the arguments with tojson: they want the object, not its text.
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except json.JSONDecodeError:
+            arguments = self.function.arguments
+        call = {"type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+        return call | ({"id": self.id} if self.id is not None else {})
+
+
 class ChatMessage(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None  # passed to the chat template, which may show it or not
-    tool_calls: Annotated[Any, _TOOLS] = None
-    tool_call_id: Annotated[Any, _TOOL_CALL] = None
-    function_call: Annotated[Any, _TOOL_CALL] = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls
+    tool_call_id: Text | None = None  # a tool turn: the call it answers
+    function_call: Annotated[Any, _LEGACY_FUNCTION_CALL] = None
     audio: Annotated[Any, Refused("audio is not implemented")] = None
     refusal: Annotated[Any, Refused("send the refusal's text as 'content'")] = None
 
@@ -313,16 +339,59 @@ class ChatMessage(Lenient):
         # Only an assistant turn may come without content (OpenAI's, when it carried tool calls instead).
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs a 'content' field")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only an assistant message has 'tool_calls', not a {self.role} one")
         return self
 
-    def to_prompt(self) -> dict[str, str]:
+    def to_prompt(self) -> dict[str, Any]:
         """The message as the engine's chat template takes it."""
         # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
         role = "system" if self.role == "developer" else self.role
-        prompt = {"role": role, "content": self.content if isinstance(self.content, str) else ""}
+        prompt: dict[str, Any] = {
+            "role": role,
+            "content": self.content if isinstance(self.content, str) else "",
+        }
         if self.name is not None:
             prompt["name"] = self.name
+        if self.tool_calls:
+            prompt["tool_calls"] = [call.to_prompt() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            prompt["tool_call_id"] = self.tool_call_id
         return prompt
+
+
+_TOOL_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionDef(Lenient):
+    name: Annotated[str, Field(pattern=_TOOL_NAME)]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object; None: no arguments
+    strict: bool | None = None  # no-op: a call the server constrains always follows the schema
+
+    @property
+    def arguments_schema(self) -> dict[str, Any]:
+        return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
+
+
+class Tool(Lenient):
+    type: Literal["function"]
+    function: FunctionDef
+
+    def to_prompt(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "function": self.function.model_dump(exclude_none=True, exclude={"strict"}),
+        }
+
+
+class NamedFunction(Lenient):
+    name: str
+
+
+class NamedToolChoice(Lenient):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 _NOT_YET = "it would change the output and is not implemented"
@@ -343,11 +412,57 @@ class ChatCompletionRequest(OpenAIRequest):
     service_tier: Annotated[Any, Refused("this server has one tier", (None, "auto", "default"))] = None
     store: Annotated[Any, Refused("this server stores no completions", (None, False))] = None
     modalities: Annotated[Any, Refused("the only output is text", (None, ["text"]))] = None
-    tools: Annotated[Any, _TOOLS] = None
-    tool_choice: Annotated[Any, _TOOL_CHOICE] = None
-    parallel_tool_calls: Annotated[Any, Refused(_TOOL_CALL.why, (None, False))] = None
-    functions: Annotated[Any, _TOOLS] = None
-    function_call: Annotated[Any, _TOOL_CHOICE] = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: Annotated[bool, Strict()] | None = None  # None: true, as OpenAI's default
+    functions: Annotated[Any, _LEGACY_FUNCTIONS] = None
+    function_call: Annotated[Any, _LEGACY_FUNCTION_CALL] = None
+    chat_template_kwargs: dict[str, Any] | None = (
+        None  # vLLM's: extra chat template variables (enable_thinking)
+    )
+
+    def tool_rules(self) -> tuple[str, str | None]:
+        """(tool mode, the named tool): "none", "auto", "named" or "required" (chat_output.py); InvalidParameter
+        for a choice the tools cannot meet."""
+        tools = self.tools or []
+        names = [t.function.name for t in tools]
+        if len(set(names)) < len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise InvalidParameter(f"two tools are named '{dup}': tool names must be unique", param="tools")
+        for i, tool in enumerate(tools):
+            param = f"tools[{i}].function.parameters"
+            StructuredOutput.json_schema(tool.function.arguments_schema, param=param).check()
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if tools else "none")
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in names:
+                known = ", ".join(names) or "none"
+                message = f"tool_choice names the function '{choice.function.name}', which is not in 'tools' ({known})"
+                raise InvalidParameter(message, param="tool_choice")
+            return "named", choice.function.name
+        if choice in ("auto", "required") and not tools:
+            raise InvalidParameter(f"tool_choice '{choice}' needs 'tools'", param="tool_choice")
+        return choice, None
+
+    def tool_definitions(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template takes them; none when tool_choice is "none" (the model is not
+        offered tools it may not call)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.to_prompt() for t in self.tools]
+
+    def constraints(self) -> list[StructuredOutput]:
+        """Besides the output constraints, tool_choice "required" or a named tool: the call's grammar."""
+        found = super().constraints()
+        mode, name = self.tool_rules()
+        schemas = {t.function.name: t.function.arguments_schema for t in self.tools or []}
+        if mode == "named":
+            found.append(StructuredOutput.json_schema(schemas[name or ""], param="tool_choice"))
+        elif mode == "required":
+            parallel = self.parallel_tool_calls is not False
+            schema = required_schema(list(schemas.items()), parallel)
+            found.append(StructuredOutput.json_schema(schema, param="tool_choice"))
+        return found
+
     audio: Annotated[Any, Refused("audio output is not implemented")] = None
     prediction: Annotated[Any, Refused(_NOT_YET)] = None
     reasoning_effort: Annotated[Any, Refused(_NOT_YET)] = None
@@ -443,9 +558,30 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = (
+        None  # the model's thinking (--reasoning-parser), as vLLM and SGLang name it
+    )
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_extras(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # OpenAI leaves out what a message does not have; content stays, as null when there are only calls.
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k == "content"}
 
 
 class ChatChoice(BaseModel):
@@ -467,7 +603,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     # {"role": "assistant", "content": ""} first, then {"content": ...}, then {} with the finish reason.
-    delta: dict[str, str]
+    delta: dict[str, Any]  # also {"reasoning_content": ...} and {"tool_calls": [...]} (server/chat_output.py)
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
