@@ -209,3 +209,11 @@ QWEN2_TEMPLATE = (
 def test_default_parser(model_type: str | None, template: str | None, expected: str | None) -> None:
     assert default_parser(model_type, template) == expected
     assert expected is None or expected in PARSERS
+
+
+def test_a_template_that_opens_the_think_block_gets_the_starts_inside_parser() -> None:
+    """Qwen3's thinking-2507 templates end the generation prompt with <think>: the output starts inside it."""
+    opens = "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+    plain = "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}{# <think> #}"
+    assert default_parser("qwen3", opens) == "qwen3-thinking"
+    assert default_parser("qwen3_moe", plain) == "qwen3"

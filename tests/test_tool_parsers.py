@@ -271,6 +271,6 @@ def test_random_multi_piece_splits() -> None:
         whole = parse_all(PARSERS[fmt](), text)
         for _ in range(20):
             cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 4)))
-            pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+            pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
             got = _stream(PARSERS[fmt](), pieces)
             assert (got.content, _calls(got)) == (whole.content, _calls(whole)), pieces

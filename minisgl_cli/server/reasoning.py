@@ -8,6 +8,8 @@ concatenated output is the same however the text was cut.
 
 from __future__ import annotations
 
+import re
+
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,7 +134,10 @@ _QWEN3_MODEL_TYPES = frozenset({"qwen3", "qwen3_moe"})
 
 
 def default_parser(model_type: str | None, chat_template: str | None) -> str | None:
-    """The parser to use when none was asked for: "qwen3" for a Qwen3 model whose template thinks."""
+    """The parser to use when none was asked for: "qwen3" for a Qwen3 model whose template thinks, or
+    "qwen3-thinking" when its generation prompt already opens the think block (the thinking-2507 models), so the
+    output starts inside it."""
     if model_type in _QWEN3_MODEL_TYPES and chat_template and "<think>" in chat_template:
-        return "qwen3"
+        opened = re.search(r"<\|im_start\|>assistant(\\n|\n)<think>", chat_template)
+        return "qwen3-thinking" if opened else "qwen3"
     return None
