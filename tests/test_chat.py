@@ -761,3 +761,54 @@ def test_a_model_the_server_lacks_exits_1_with_one_line(tmp_path: Path, server: 
     assert one_error_line(result) == (
         f"error: the server at {server.url} does not serve model 'gpt-17' (it serves: smollm2-135m-instruct)"
     )
+
+
+# ---- a reasoning model's thinking, apart from its answer
+
+
+def test_the_engine_backend_splits_qwen3_thinking_from_the_answer() -> None:
+    from types import SimpleNamespace
+
+    from minisgl_cli.chat.engine_backend import EngineBackend
+
+    pieces = ["<think>\nIt is", " Paris.\n</th", "ink>\n\nParis", "."]
+
+    class FakeLLM:
+        model_name, model_type = "qwen3-fake", "qwen3"
+        tokenizer = SimpleNamespace(chat_template="{{ '<think>' }}")
+
+        def stream_deltas(self, messages: Any, params: Any) -> Iterator[Any]:
+            for k, text in enumerate(pieces):
+                done = SimpleNamespace(finish_reason="stop") if k == len(pieces) - 1 else None
+                yield SimpleNamespace(text=text, num_tokens=k + 1, output=done)
+
+    deltas = list(EngineBackend(FakeLLM()).stream([user("capital?")], SamplingConfig()))  # type: ignore[arg-type]
+    assert "".join(d.reasoning for d in deltas) == "It is Paris."
+    assert "".join(d.text for d in deltas) == "Paris."
+    assert [d.tokens for d in deltas] == [1, 2, 3, 4] and deltas[-1].finish_reason == "stop"
+
+
+def test_thinking_is_drawn_dim_above_the_answer_and_kept_out_of_raw_answers() -> None:
+    answer = GrowingAnswer()
+    answer.thinking, answer.text, answer.done = "It is Paris.", "**Paris**", True
+    console = Console(file=io.StringIO(), width=40, force_terminal=True, color_system="standard")
+    console.print(answer)
+    drawn = console.file.getvalue()
+    assert drawn.index("It is Paris.") < drawn.index("Paris", drawn.index("It is Paris.") + 12)
+    assert "\x1b[2" in drawn  # dim
+    backend = RecordingBackend([[Delta("", 1, reasoning="hmm"), Delta("Paris", 2, "stop")]])
+    _, answers, _ = run_repl(backend, [Q1])
+    assert answers == "Paris\n"  # the raw view (pipes, --plain) prints the answer alone
+
+
+def test_openai_backend_reads_reasoning_content() -> None:
+    events = sse(
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]},
+    )
+    transport, _ = mock_server(
+        httpx.Response(200, text=events, headers={"content-type": "text/event-stream"}), models=["m"]
+    )
+    backend = OpenAIBackend.connect("http://example.test:8000", transport=transport)
+    deltas = list(backend.stream([user("hi")], SamplingConfig()))
+    assert [(d.reasoning, d.text) for d in deltas] == [("hmm", ""), ("", "ok")]

@@ -18,6 +18,7 @@ class Delta:
     text: str  # may be "": a token that completes no character yet, or only a count or an ending
     tokens: int  # completion tokens so far (a server's own count once its usage report arrives)
     finish_reason: str | None = None  # on the last delta: "stop" or "length"
+    reasoning: str = ""  # the model's thinking (Qwen3's <think> block), shown apart from the answer
 
 
 class Backend(Protocol):

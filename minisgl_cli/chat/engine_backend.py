@@ -20,8 +20,13 @@ class EngineBackend:
     location = "in-process"
 
     def __init__(self, llm: LLM) -> None:
+        from minisgl_cli.server import reasoning
+
         self._llm = llm
         self.model = llm.model_name
+        template = getattr(llm.tokenizer, "chat_template", None)
+        name = reasoning.default_parser(llm.model_type, template if isinstance(template, str) else None)
+        self._thinking = reasoning.PARSERS[name] if name else None  # splits each answer's thinking off
 
     @classmethod
     def load(cls, engine: EngineConfig) -> EngineBackend:
@@ -43,6 +48,7 @@ class EngineBackend:
         )
         params = SamplingParams(**dataclasses.asdict(settings), structured=structured)
         steps = self._llm.stream_deltas(messages, params)
+        split = self._thinking() if self._thinking is not None else None
         try:
             while True:
                 # Ctrl-C lands between engine steps, never inside one, so the scheduler is never left
@@ -52,7 +58,14 @@ class EngineBackend:
                 if step is None:
                     return
                 finish = step.output.finish_reason if step.output is not None else None
-                yield Delta(step.text, step.num_tokens, finish)
+                if split is None:
+                    yield Delta(step.text, step.num_tokens, finish)
+                    continue
+                part = split.feed(step.text)
+                if finish is not None:
+                    rest = split.finish()
+                    part = type(part)(part.reasoning + rest.reasoning, part.content + rest.content)
+                yield Delta(part.content, step.num_tokens, finish, reasoning=part.reasoning)
         finally:
             steps.close()
 

@@ -94,10 +94,12 @@ class OpenAIBackend:
                     if "error" in chunk:  # the stream had begun, so the error comes as an event
                         raise MinisglError(f"the server failed mid-answer: {body_message(chunk, data)}")
                     for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content") or ""
-                        if text:  # until the usage report, one content chunk stands for one token
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content") or ""
+                        thought = delta.get("reasoning_content") or ""
+                        if text or thought:  # until the usage report, one text chunk stands for one token
                             tokens += 1
-                        yield Delta(text, tokens, choice.get("finish_reason"))
+                        yield Delta(text, tokens, choice.get("finish_reason"), reasoning=thought)
                     usage = chunk.get("usage")
                     if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
                         tokens = usage["completion_tokens"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Protocol, TextIO
 
-from rich.console import Console, ConsoleOptions, RenderResult
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.segment import Segment
@@ -24,6 +24,9 @@ class AnswerView(Protocol):
 
     def write(self, text: str) -> None: ...
 
+    def think(self, text: str) -> None:
+        """The model's thinking: shown apart from the answer (dim), or not at all."""
+
 
 class GrowingAnswer:
     """The answer so far, parsed as Markdown only when rich draws it.
@@ -35,13 +38,17 @@ class GrowingAnswer:
 
     def __init__(self) -> None:
         self.text = ""
+        self.thinking = ""  # drawn dim above the answer
         self.done = False
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        if not self.text:
+        if not self.text and not self.thinking:
             yield Text("" if self.done else "…", style="dim")
             return
-        markdown = Markdown(self.text)
+        thought = (
+            Text(self.thinking.strip() + "\n", style="dim italic") if self.thinking.strip() else Text("")
+        )
+        markdown = Group(thought, Markdown(self.text)) if self.thinking.strip() else Markdown(self.text)
         if self.done:
             yield markdown
             return
@@ -74,6 +81,9 @@ class MarkdownView:
     def write(self, text: str) -> None:
         self._answer.text += text
 
+    def think(self, text: str) -> None:
+        self._answer.thinking += text
+
 
 class PlainView:
     """The text deltas exactly as they come, then a newline: no escape codes, nothing added."""
@@ -98,3 +108,6 @@ class PlainView:
         self._out.write(text)
         self._out.flush()
         self._written = text
+
+    def think(self, text: str) -> None:
+        pass  # raw text out (a pipe, --plain): the answer alone, as a script reading it expects

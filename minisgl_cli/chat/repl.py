@@ -33,6 +33,7 @@ class Output:
     console: Console  # Markdown answers (MarkdownView), the banner, command feedback and stats
     markdown: bool  # live Markdown rather than raw text
     interactive: bool  # a person at a terminal: Ctrl-C stops an answer instead of the program
+    show_thinking: bool = True  # the model's thinking, dim above its answer (Markdown view only)
 
 
 class Repl:
@@ -111,6 +112,8 @@ class Repl:
                     self.conversation.json_schema,
                 ):
                     meter.observe(delta)
+                    if delta.reasoning and self.out.show_thinking:
+                        view.think(delta.reasoning)
                     if delta.text:
                         parts.append(delta.text)
                         view.write(delta.text)
@@ -138,8 +141,9 @@ class Repl:
         self.out.console.print(Text(text, style="dim"), soft_wrap=True, highlight=False)
 
 
-def terminal_output(console: Console, plain: bool) -> Output:
-    return Output(sys.stdout, console, markdown=not plain and console.is_terminal, interactive=True)
+def terminal_output(console: Console, plain: bool, show_thinking: bool = True) -> Output:
+    markdown = not plain and console.is_terminal
+    return Output(sys.stdout, console, markdown=markdown, interactive=True, show_thinking=show_thinking)
 
 
 def piped_output(notes: Console) -> Output:

@@ -46,6 +46,12 @@ def chat(
     plain: Annotated[
         bool, typer.Option("--plain", help="Print answers as raw text instead of rendered Markdown.")
     ] = False,
+    hide_thinking: Annotated[
+        bool,
+        typer.Option(
+            "--hide-thinking", help="Do not show a reasoning model's thinking (shown dim above its answer)."
+        ),
+    ] = False,
     json_schema: Annotated[
         Path | None,
         typer.Option(
@@ -81,7 +87,11 @@ def chat(
         signal.signal(signal.SIGINT, signal.default_int_handler)
     backend = _connect(cfg, url, api_key)
     try:
-        output = terminal_output(ui.console, plain) if interactive else piped_output(ui.err_console)
+        output = (
+            terminal_output(ui.console, plain, show_thinking=not hide_thinking)
+            if interactive
+            else piped_output(ui.err_console)
+        )
         conversation = Conversation(cfg.config.sampling, system or None, json_schema=schema)
         repl = Repl(backend, conversation, output)
         repl.run(_source(interactive))

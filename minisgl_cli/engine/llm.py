@@ -71,6 +71,7 @@ class LLM:
         self._stop_ranks: weakref.finalize | None = None
         engine = build_engine(cfg) if cfg.tp == 1 else self._start_ranks(cfg)
         self.model_name = engine.source.name
+        self.model_type: str | None = engine.source.hf_config.get("model_type")
         self.tokenizer = load_tokenizer(engine.source)
         self.runner = engine.runner
         self.scheduler = engine.scheduler

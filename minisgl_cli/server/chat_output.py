@@ -88,7 +88,8 @@ class ChatOutput:
         content = "".join(self._content)
         thought = "".join(self._reasoning_text)
         return Message(
-            content=content if content or not self._calls else None,
+            # Only whitespace between calls (the newline between two <tool_call> blocks) is no answer.
+            content=content if content.strip() or not self._calls else None,
             reasoning_content=thought or None,
             tool_calls=list(self._calls),
         )

@@ -8,9 +8,8 @@ concatenated output is the same however the text was cut.
 
 from __future__ import annotations
 
-import re
-
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
