@@ -37,7 +37,7 @@ SPEC_DEFAULTS = {
     ),
     "server": dict(
         host="127.0.0.1", port=1919, api_key=None, max_queue=1024, num_tokenizers=1, served_model_name=None,
-        nnodes=1, node_rank=0, dist_init_addr=None,
+        tool_call_parser="auto", reasoning_parser="auto", nnodes=1, node_rank=0, dist_init_addr=None,
     ),
     "sampling": dict(
         temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0, max_tokens=256, repetition_penalty=1.0,

@@ -269,3 +269,18 @@ def test_tools_history_and_template_options_reach_the_chat_template() -> None:
         UsageError, match="chat template variable 'add_generation_prompt' is set by the request"
     ):
         encode_prompt(ChatPrompt(messages, template_kwargs={"add_generation_prompt": False}), tok, 384)
+
+
+def test_the_served_models_parsers_come_from_its_files_or_the_flags(tmp_path: Any) -> None:
+    from minisgl_cli.config import ServerConfig
+    from minisgl_cli.model_source import ModelSource
+    from minisgl_cli.server.output_parsers import pick_parsers
+
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}<tool_call> ... <think>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    source = ModelSource(name="m", path=tmp_path, hf_config={"model_type": "qwen3"})
+    assert pick_parsers(ServerConfig(), source) == ("hermes", "qwen3")
+    flags = ServerConfig(tool_call_parser="none", reasoning_parser="deepseek-r1")
+    assert pick_parsers(flags, source) == (None, "deepseek-r1")
+    bare = ModelSource(name="shape", path=None, hf_config={"model_type": "llama"})  # a built-in shape
+    assert pick_parsers(ServerConfig(), bare) == (None, None)
