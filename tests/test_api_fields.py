@@ -13,11 +13,11 @@ import json
 import logging
 import typing
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
+import test_api
 from api_fakes import MODEL, FakeEngine, chat_body, make_app
 from fastapi.testclient import TestClient
 from openai.types import completion_create_params as completion_params
@@ -31,18 +31,9 @@ from minisgl_cli.server import protocol as p
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-def client(engine: FakeEngine) -> Iterator[TestClient]:
-    app, _ = make_app(engine)
-    with TestClient(app) as c:
-        yield c
+# The API tests' fixtures: a fake engine and a client over an app on it.
+engine = test_api.engine
+client = test_api.client
 
 
 def body_for(url: str, **fields: Any) -> dict[str, Any]:

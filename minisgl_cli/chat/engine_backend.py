@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from minisgl_cli.chat.backend import Delta
 from minisgl_cli.config import EngineConfig, SamplingConfig
+from minisgl_cli.server.reasoning import ReasoningDelta
 
 if TYPE_CHECKING:
     from minisgl_cli.engine.llm import LLM
@@ -64,7 +65,7 @@ class EngineBackend:
                 part = split.feed(step.text)
                 if finish is not None:
                     rest = split.finish()
-                    part = type(part)(part.reasoning + rest.reasoning, part.content + rest.content)
+                    part = ReasoningDelta(part.reasoning + rest.reasoning, part.content + rest.content)
                 yield Delta(part.content, step.num_tokens, finish, reasoning=part.reasoning)
         finally:
             steps.close()

@@ -91,7 +91,7 @@ class GrammarBackend:
         if logits.is_cuda:
             # Pinned, so the copy does not block; torch's pinned-memory cache keeps a block until its copy is done.
             bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
-        if len(rows) == logits.shape[0] and list(rows) == list(range(len(rows))):
+        if len(rows) == logits.shape[0]:  # rows are distinct row numbers: every row is constrained
             xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1])
             return
         index = to_device(list(rows), torch.int64, logits.device)

@@ -339,14 +339,21 @@ class Scheduler:
             PendingResults.start(out) if out is not None else None,
         )
 
-    @torch.inference_mode()  # the logits are the forward's inference tensors: changed in place only there
     def _shape_logits(self, reqs: list[Req], logits: torch.Tensor) -> None:
         """logit_bias, then the grammar masks, in place on the sampled rows' logits. A masked row whose previous
         token is in flight needs it first: the previous batch is processed now (while this forward runs)."""
-        if any(r.sampling.logit_bias for r in reqs):
-            apply_logit_bias(logits, [r.sampling.logit_bias for r in reqs])
-        if not any(r.matcher is not None for r in reqs):
-            return
+        biased = any(r.sampling.logit_bias for r in reqs)
+        constrained = any(r.matcher is not None for r in reqs)
+        if not (biased or constrained):
+            return  # the common step: nothing to do, not even entering inference mode
+        # The logits are the forward's inference tensors: changed in place only in inference mode.
+        with torch.inference_mode():
+            if biased:
+                apply_logit_bias(logits, [r.sampling.logit_bias for r in reqs])
+            if constrained:
+                self._mask(reqs, logits)
+
+    def _mask(self, reqs: list[Req], logits: torch.Tensor) -> None:
         prev = self._inflight
         if prev is not None and any(r.matcher is not None and r.num_inflight for r in reqs):
             self._inflight = None

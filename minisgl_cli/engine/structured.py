@@ -11,6 +11,7 @@ small model can spend its whole budget on newlines inside an object.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -61,8 +62,10 @@ class StructuredOutput:
         return (self.kind, self.spec)
 
     def check(self) -> None:
-        """InvalidParameter naming what is wrong when the constraint is not a valid grammar."""
-        self.grammar()
+        """InvalidParameter naming what is wrong when the constraint is not a valid grammar. Remembered for
+        valid ones: every process a request passes through (API, tokenizer, scheduler) validates its
+        SamplingParams again, and n choices are n copies."""
+        _check(self)
 
     def grammar(self) -> xgrammar.Grammar:
         """The xgrammar grammar of this constraint (not yet compiled against a vocabulary)."""
@@ -108,6 +111,11 @@ class StructuredOutput:
                 f"{self.param} must be a non-empty list of non-empty strings", param=self.param
             )
         return options
+
+
+@functools.lru_cache(maxsize=1024)
+def _check(structured: StructuredOutput) -> None:
+    structured.grammar()  # raises for an invalid one, which lru_cache does not keep
 
 
 def read_json_schema(path: Path, where: str) -> dict[str, Any]:
