@@ -152,9 +152,9 @@ class EngineConfig(_Section):
     )
     decode_kernel: str = setting(
         "auto",
-        'FlashInfer decode kernel: "auto" (tensor cores when 4+ query heads share a KV head), "tensor-cores" '
-        'or "cuda-cores".',
-        choices=("auto", "tensor-cores", "cuda-cores"),
+        'GPU decode attention kernel: "auto" (Triton where it is installed), "triton", or FlashInfer\'s '
+        '"tensor-cores" or "cuda-cores".',
+        choices=("auto", "tensor-cores", "cuda-cores", "triton"),
     )
     cuda_graph_max_bs: int = setting(
         256, "Largest decode batch captured in a CUDA graph (0: no graphs).", min=0

@@ -213,7 +213,7 @@ def test_gpu_backends_against_float64(backend_name: str, head_dim: int, page_siz
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("decode_kernel", ["tensor-cores", "cuda-cores"])
+@pytest.mark.parametrize("decode_kernel", ["tensor-cores", "cuda-cores", "triton"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_gpu_flashinfer_decode_kernels_against_float64(

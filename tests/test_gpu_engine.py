@@ -150,7 +150,7 @@ def test_flashinfer_greedy_tokens_track_float32_as_closely_as_torch(model_dir: P
         assert fi >= 0.6 * torch_bf16, f"{backend}: {fi} tokens agree with float32, torch bf16 {torch_bf16}"
 
 
-@pytest.mark.parametrize("decode_kernel", ["tensor-cores", "cuda-cores"])
+@pytest.mark.parametrize("decode_kernel", ["tensor-cores", "cuda-cores", "triton"])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_cuda_graphs_give_eager_tokens(model_dir: Path, page_size: int, decode_kernel: str) -> None:
     prompts = _prompts(11, seed=3)  # 11 decode rows: replayed in the graph of 16, padded

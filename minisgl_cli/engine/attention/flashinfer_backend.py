@@ -6,13 +6,17 @@ PageAllocator hands them out. A sequence's page ids are read off its page-table 
 positions (slot // page_size).
 
 Per step, `prepare` plans one wrapper, shared by every layer:
-  - decode batches (one new token each): the decode wrapper, on tensor cores when a KV head serves at least
-    4 query heads (the group then fills the MMA tiles; SGLang's rule), else the CUDA-core kernel;
+  - decode batches (one new token each): under "auto", our Triton kernel (attention/triton_decode.py), which
+    on an H200 read ragged batches' K/V at 4.3-4.4 TB/s where FlashInfer's CUDA-graph wrapper read 3.6-3.7
+    (14-18% less time), and at batch 1 took 5.6 us a layer against 10.2 (docs/benchmarks.md); without
+    Triton, FlashInfer's tensor-core kernel from 4 query heads a KV head, else its CUDA-core kernel;
+    "tensor-cores", "cuda-cores" and "triton" pick one;
   - prefill and extend batches: the paged prefill wrapper, causal with queries aligned to the end of each
     sequence's K/V (FA3 on Hopper under "auto", FA2 on request);
   - captured CUDA-graph batch sizes: one CUDA-graph decode wrapper per size, whose index buffers live at
     fixed addresses; `prepare_replay` re-plans it before every replay (planning is host work, outside the
-    graph).
+    graph). The Triton kernel's launch shape is fixed per batch size too and reads lengths and page ids
+    from device buffers, so a replay only copies new ones into the same buffers.
 Planning reads lengths from the host copies in ForwardBatch; the page ids are gathered on the device from
 the page table, so nothing here waits for the GPU.
 """
@@ -23,9 +27,10 @@ from itertools import accumulate
 
 import torch
 
+from minisgl_cli.engine.attention import triton_decode
 from minisgl_cli.engine.attention.base import AttentionBackend
 from minisgl_cli.engine.forward_batch import ForwardBatch
-from minisgl_cli.engine.kernels import flashinfer
+from minisgl_cli.engine.kernels import flashinfer, have_triton
 from minisgl_cli.engine.kv.allocator import PADDING_PAGE
 from minisgl_cli.engine.kv.page_table import PageTable
 from minisgl_cli.engine.kv.pool import KVPool
@@ -35,8 +40,9 @@ from minisgl_cli.errors import MinisglError
 # recommends 128 MB, and long prefills with many heads use more.
 WORKSPACE_BYTES = 256 << 20
 PREFILL_KERNELS = ("auto", "fa2", "fa3")
-DECODE_KERNELS = ("auto", "tensor-cores", "cuda-cores")
-# Query heads per KV head from which "auto" decodes on tensor cores.
+DECODE_KERNELS = ("auto", "tensor-cores", "cuda-cores", "triton")
+# Without Triton, "auto" decodes on FlashInfer's tensor cores from this many query heads per KV head (the
+# group then fills the MMA tiles; SGLang's rule), else on its CUDA cores.
 TENSOR_CORE_MIN_GROUP = 4
 
 
@@ -69,9 +75,13 @@ class FlashInferBackend(AttentionBackend):
         if decode_kernel not in DECODE_KERNELS:
             raise MinisglError(f"unknown FlashInfer decode kernel {decode_kernel!r}")
         group = num_heads // kv_pool.num_kv_heads
-        self.tensor_cores = (
-            group >= TENSOR_CORE_MIN_GROUP if decode_kernel == "auto" else decode_kernel == "tensor-cores"
-        )
+        if decode_kernel == "auto":
+            fallback = "tensor-cores" if group >= TENSOR_CORE_MIN_GROUP else "cuda-cores"
+            decode_kernel = "triton" if have_triton() else fallback
+        if decode_kernel == "triton" and not have_triton():
+            raise MinisglError("--decode-kernel triton needs the triton package")
+        self.decode_kernel = decode_kernel
+        self.tensor_cores = decode_kernel == "tensor-cores"
         self._fi = fi
         self.page_size = page_size
         self.num_kv_heads = kv_pool.num_kv_heads
@@ -88,8 +98,13 @@ class FlashInferBackend(AttentionBackend):
         )
         self._graph_wrappers: dict[int, object] = {}
         self._graph_indices: torch.Tensor | None = None
-        self._active: object = self.decode_wrapper
+        self._active: object | None = self.decode_wrapper  # None: the Triton decode kernel
         self.out_slots = torch.empty(0, dtype=torch.int64, device=self.device)
+        # Triton decode: one plan per batch size met, and the step's (plan, device indptr, page ids).
+        self._triton_plans: dict[int, triton_decode.DecodePlan] = {}
+        self._graph_indptr: dict[int, torch.Tensor] = {}
+        self._triton: tuple[triton_decode.DecodePlan, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._last_len: torch.Tensor | None = None  # [B] on the device, read with pages above 1 slot
 
     # ---- per step
 
@@ -97,6 +112,11 @@ class FlashInferBackend(AttentionBackend):
         self.out_slots = batch.out_slots
         indptr, indices, last_len = self._pages(batch)
         if batch.is_decode:
+            if self.decode_kernel == "triton":
+                plan = self._triton_plan(batch.batch_size)
+                dev = _triton_meta(indptr, last_len).to(self.device, non_blocking=True)
+                self._use_triton(plan, dev[0], indices, dev[1, :-1], dev[2, :-1])
+                return
             self._plan_decode(self.decode_wrapper, indptr, indices, last_len)
             self._active = self.decode_wrapper
             return
@@ -107,6 +127,13 @@ class FlashInferBackend(AttentionBackend):
         self._active = self.prefill_wrapper
 
     def attend(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
+        if self._active is None:  # the Triton decode kernel
+            assert self._triton is not None
+            plan, indptr, indices, order = self._triton
+            k, v = self.kv_pool.k(layer_id), self.kv_pool.v(layer_id)
+            q = q.reshape(-1, self.num_heads, self.head_dim)
+            out = torch.empty_like(q)
+            return plan.decode(q, k, v, indptr, indices, self.scale, out, self._last_len, order)
         shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)
         kv = (self.kv_pool.k(layer_id).view(shape), self.kv_pool.v(layer_id).view(shape))
         return self._active.run(q.contiguous(), kv)  # type: ignore[attr-defined]
@@ -119,6 +146,10 @@ class FlashInferBackend(AttentionBackend):
         max_bs = max(batch_sizes)
         pages_per_seq = -(-max_context_len // self.page_size)
         self._graph_indices = torch.zeros(max_bs * pages_per_seq, dtype=torch.int32, device=self.device)
+        if self.decode_kernel == "triton":
+            for bs in batch_sizes:
+                self._graph_indptr[bs] = torch.zeros(3, bs + 1, dtype=torch.int32, device=self.device)
+            return
         for bs in batch_sizes:
             self._graph_wrappers[bs] = self._fi.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(
                 self.workspace,
@@ -131,12 +162,15 @@ class FlashInferBackend(AttentionBackend):
 
     def prepare_capture(self, batch_size: int, out_slots: torch.Tensor) -> None:
         """Plan the graph wrapper of `batch_size` for capture: every sequence one token on the padding page."""
-        wrapper = self._graph_wrappers[batch_size]
         indptr = torch.arange(batch_size + 1, dtype=torch.int32)
         indices = torch.full((batch_size,), PADDING_PAGE, dtype=torch.int32, device=self.device)
+        self.out_slots = out_slots
+        if self.decode_kernel == "triton":
+            self._replay_triton(batch_size, indptr, indices, torch.ones(batch_size, dtype=torch.int32))
+            return
+        wrapper = self._graph_wrappers[batch_size]
         self._plan_decode(wrapper, indptr, indices, torch.ones(batch_size, dtype=torch.int32))
         self._active = wrapper
-        self.out_slots = out_slots
 
     def prepare_replay(self, batch: ForwardBatch, batch_size: int, out_slots: torch.Tensor) -> None:
         """Plan the graph wrapper of `batch_size` (>= the batch's size) for `batch`; the padding sequences
@@ -147,12 +181,57 @@ class FlashInferBackend(AttentionBackend):
             indptr = torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=torch.int32)])
             indices = torch.cat([indices, indices.new_full((pad,), PADDING_PAGE)])
             last_len = torch.cat([last_len, torch.ones(pad, dtype=torch.int32)])
+        self.out_slots = out_slots
+        if self.decode_kernel == "triton":
+            self._replay_triton(batch_size, indptr, indices, last_len)
+            return
         wrapper = self._graph_wrappers[batch_size]
         self._plan_decode(wrapper, indptr, indices, last_len)
         self._active = wrapper
-        self.out_slots = out_slots
 
     # ---- helpers
+
+    def _triton_plan(self, batch_size: int) -> triton_decode.DecodePlan:
+        """The Triton launch shape for `batch_size` sequences, made once per batch size (the scratch comes
+        with it). The split count depends on the batch size alone, not on the lengths: an eager step and a
+        graph replay of the same batch then add up the same partial sums, so graphs never change tokens."""
+        if batch_size not in self._triton_plans:
+            self._triton_plans[batch_size] = triton_decode.plan(
+                batch_size,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                triton_decode.MAX_SPLITS * triton_decode.BLOCK_N,
+                device=self.device,
+                page_size=self.page_size,
+                use_dot=True,
+            )
+        return self._triton_plans[batch_size]
+
+    def _replay_triton(
+        self, batch_size: int, indptr: torch.Tensor, indices: torch.Tensor, last_len: torch.Tensor
+    ) -> None:
+        """Write this step's indptr, last-page lengths and page ids into the fixed buffers the captured
+        kernels of `batch_size` read (the copies run on the stream, before the replay)."""
+        assert self._graph_indices is not None
+        fixed = self._graph_indptr[batch_size]
+        fixed.copy_(_triton_meta(indptr, last_len), non_blocking=True)
+        self._graph_indices[: indices.numel()].copy_(indices)
+        plan = self._triton_plan(batch_size)
+        self._use_triton(plan, fixed[0], self._graph_indices, fixed[1, :-1], fixed[2, :-1])
+
+    def _use_triton(
+        self,
+        plan: triton_decode.DecodePlan,
+        indptr: torch.Tensor,
+        indices: torch.Tensor,
+        last_len: torch.Tensor,
+        order: torch.Tensor,
+    ) -> None:
+        """Make the Triton kernel the step's decode attention, over these device index arrays."""
+        self._triton = (plan, indptr, indices, order)
+        self._last_len = last_len if self.page_size > 1 else None
+        self._active = None
 
     def _plan_decode(
         self, wrapper: object, indptr: torch.Tensor, indices: torch.Tensor, last_len: torch.Tensor
@@ -185,3 +264,12 @@ class FlashInferBackend(AttentionBackend):
         slots = self.page_table.table[batch.req_rows[seq_of], page_no * ps]
         indices = (slots if ps == 1 else torch.div(slots, ps, rounding_mode="floor")).to(torch.int32)
         return indptr, indices, last_len
+
+
+def _triton_meta(indptr: torch.Tensor, last_len: torch.Tensor) -> torch.Tensor:
+    """What the Triton decode kernel reads besides the page ids, as one int32 [3, B + 1] host tensor (one
+    copy to the device): indptr, the last pages' lengths, and the sequences by page count, most first (the
+    kernel starts their programs in that order); the last two padded by one entry."""
+    order = torch.argsort(indptr[1:] - indptr[:-1], descending=True, stable=True).to(torch.int32)
+    pad = last_len.new_zeros(1)
+    return torch.stack([indptr, torch.cat([last_len, pad]), torch.cat([order, pad])])
