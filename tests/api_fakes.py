@@ -31,6 +31,7 @@ from minisgl_cli.server.messages import (
     Ready,
     Rejected,
     TextOutput,
+    TokenizeReply,
     TokenLogprobs,
     TopLogprob,
     pack,
@@ -167,6 +168,16 @@ class FakeEngine:
             self._live.discard(rid)
             if not finished:
                 self.aborted.append(rid)
+
+    async def tokenize(
+        self, prompt: Any, *, add_special_tokens: bool = True, token_strs: bool = False
+    ) -> TokenizeReply:
+        """/tokenize: the prompt's words as generate would echo them (their made-up ids)."""
+        ids = [token_id(prompt, k, word) for k, word in enumerate(prompt_words(prompt))]
+        return TokenizeReply(0, ids, [f"t{i}" for i in ids] if token_strs else None)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return " ".join(f"t{t}" for t in token_ids)
 
 
 def make_app(

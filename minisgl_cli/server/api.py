@@ -3,11 +3,15 @@
     POST /v1/chat/completions, POST /v1/completions   OpenAI's shapes; "stream": true answers with SSE
     GET  /v1/models                                    the served model
     POST /generate                                     native, SGLang-style (below)
+    POST /tokenize, /detokenize (also under /v1/)      vLLM's: a prompt's ids as generation sees them, and back
+    GET  /version                                      {"version": minisgl's}
     GET  /health                                       200 {"status": "ok"} while the engine runs, else 503
     GET  /metrics                                      Prometheus text (server/metrics.py)
 
-With an API key set, /v1/* and /generate need `Authorization: Bearer KEY`; /health, /metrics and
-/openapi.json stay open. Every error, at any status, has OpenAI's body
+With an API key set, /v1/*, /generate, /tokenize and /detokenize need `Authorization: Bearer KEY`;
+/health, /metrics, /version and /openapi.json stay open. A request body over --max-request-bytes is a 413
+before any of it is parsed (middleware.LimitBody), and a large one is parsed off the event loop
+(body_route.py). Every error, at any status, has OpenAI's body
 {"error": {"message", "type", "param", "code"}}; every 503 carries `Retry-After: 1`. An error after a
 stream's headers went out is sent as its last event, `data: {"error": {...}}`, before `data: [DONE]`.
 
@@ -16,6 +20,13 @@ the output (user, metadata, ...), or is refused with a 400 whose `param` names i
 OpenAI does not have are ignored, with one warning per name, except the vLLM/SGLang extras protocol.py
 declares. An output constraint (response_format, or vLLM's structured_outputs / guided_*, or SGLang's regex /
 ebnf) becomes SamplingParams.structured; at most one per request.
+
+/tokenize and /detokenize (vLLM's shapes; the tokenizer workers do the work, never the event loop)
+    request   {"prompt": "..."} or {"messages": [...], "tools"?, "chat_template_kwargs"?}, and
+              "add_special_tokens" (default true for a prompt; a chat's template writes its own, so only false
+              there), "return_token_strs"; {"tokens": [...]} for /detokenize
+    response  {"count", "max_model_len", "tokens": [...], "token_strs": [...] or null}; {"prompt": "..."}
+    Messages are rendered exactly as a chat completion renders them (with the generation prompt).
 
 Native /generate
     request   {"text": "..."} or {"input_ids": [...]}, "stream": bool (default false), and optional
@@ -50,10 +61,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from minisgl_cli.config import SamplingConfig
+from minisgl_cli import __version__
+from minisgl_cli.config import SamplingConfig, ServerConfig
 from minisgl_cli.engine.request import SamplingParams
 from minisgl_cli.engine.tokenize import ChatPrompt
 from minisgl_cli.server import protocol as p
+from minisgl_cli.server.body_route import OffLoopRoute
 from minisgl_cli.server.chat_output import ChatOutputRules
 from minisgl_cli.server.engine_client import EngineClient
 from minisgl_cli.server.fanout import Choice, Fanout, Job, drain, make_jobs, usage_of
@@ -67,7 +80,7 @@ from minisgl_cli.server.formats import (
 )
 from minisgl_cli.server.http_errors import ApiError, as_api_error, install_error_handlers
 from minisgl_cli.server.metrics import CONTENT_TYPE, ApiMetrics
-from minisgl_cli.server.middleware import CountRequests, RequireApiKey
+from minisgl_cli.server.middleware import CLIENT_GONE, CountRequests, LimitBody, RequireApiKey
 
 # OpenAPI: declaring the 4XX range also keeps FastAPI from documenting its 422, which this API never sends.
 _ERROR_DOC: dict[int | str, dict[str, Any]] = {
@@ -78,7 +91,6 @@ _SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with stream"},
     **_ERROR_DOC,
 }
-_CLIENT_GONE = 499  # nginx's "client closed request": only ever seen in logs and metrics
 
 
 @dataclass
@@ -90,6 +102,7 @@ class ApiSettings:
     # How chat outputs are read (server/chat_output.py): None reads no tool calls / no reasoning.
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    max_request_bytes: int = ServerConfig.max_request_bytes  # a bigger body is a 413, unread
 
 
 # ---- disconnect watching
@@ -156,6 +169,7 @@ def create_app(engine: EngineClient, settings: ApiSettings) -> FastAPI:
         title="minisgl", summary="OpenAI-compatible LLM server", lifespan=lifespan, strict_content_type=False
     )
     install_error_handlers(app)
+    app.router.route_class = OffLoopRoute  # every route added below parses a large body on a thread
 
     def check_model(model: str | None) -> None:
         if model is not None and model != settings.served_model_name:
@@ -180,11 +194,11 @@ def create_app(engine: EngineClient, settings: ApiSettings) -> FastAPI:
         try:
             if stream:
                 if not await _unless_client_gone(request, fanout.start()):
-                    return Response(status_code=_CLIENT_GONE)
+                    return Response(status_code=CLIENT_GONE)
                 streaming = True  # from here on the response owns the fanout
                 return EventStream(fanout, event_stream(fanout, fmt, choices, n))
             if not await _unless_client_gone(request, drain(fanout, choices)):
-                return Response(status_code=_CLIENT_GONE)
+                return Response(status_code=CLIENT_GONE)
         except Exception as exc:
             raise as_api_error(exc) from exc
         finally:
@@ -271,6 +285,41 @@ def create_app(engine: EngineClient, settings: ApiSettings) -> FastAPI:
             arrival=arrival,
         )
 
+    @app.post("/tokenize", response_model=p.TokenizeResponse, responses=_ERROR_DOC)
+    @app.post("/v1/tokenize", response_model=p.TokenizeResponse, responses=_ERROR_DOC)
+    async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
+        check_model(body.model)
+        p.check_fields(body)
+        try:
+            reply = await engine.tokenize(
+                body.to_prompt(),
+                add_special_tokens=body.special_tokens,
+                token_strs=bool(body.return_token_strs),
+            )
+        except Exception as exc:
+            raise as_api_error(exc) from exc
+        return p.TokenizeResponse(
+            count=len(reply.token_ids),
+            max_model_len=engine.info.context_length,
+            tokens=reply.token_ids,
+            token_strs=reply.token_strs,
+        )
+
+    @app.post("/detokenize", response_model=p.DetokenizeResponse, responses=_ERROR_DOC)
+    @app.post("/v1/detokenize", response_model=p.DetokenizeResponse, responses=_ERROR_DOC)
+    async def detokenize(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        check_model(body.model)
+        p.check_fields(body)
+        try:
+            text = await engine.detokenize(list(body.tokens))
+        except Exception as exc:
+            raise as_api_error(exc) from exc
+        return p.DetokenizeResponse(prompt=text)
+
+    @app.get("/version", response_model=p.VersionResponse)
+    async def version() -> p.VersionResponse:
+        return p.VersionResponse(version=__version__)
+
     @app.get("/v1/models", response_model=p.ModelList, responses=_ERROR_DOC)
     async def models() -> p.ModelList:
         card = p.ModelCard(
@@ -288,7 +337,8 @@ def create_app(engine: EngineClient, settings: ApiSettings) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(engine), media_type=CONTENT_TYPE)
 
-    if settings.api_key:
+    app.add_middleware(LimitBody, max_bytes=settings.max_request_bytes)
+    if settings.api_key:  # outside LimitBody: a client without the key gets its 401 before its body is read
         app.add_middleware(RequireApiKey, api_key=settings.api_key)
     endpoints = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     app.add_middleware(CountRequests, metrics=metrics, endpoints=endpoints)  # outermost: counts the 401s too

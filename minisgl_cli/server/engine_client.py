@@ -3,7 +3,8 @@
 `generate()` sends a prompt to a tokenizer worker (round-robin by request id) and yields the request's
 TextOutputs as the worker forwards them; one receive task reads the API's inbound socket and routes each
 message to its request's queue. A request whose iterator is closed before its last output (a client that
-went away) is aborted, which frees its KV pages in the scheduler.
+went away) is aborted, which frees its KV pages in the scheduler. `tokenize()` and `detokenize()` ask a worker
+the same way and await its one reply: the tokenizer never runs in this process's event loop.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -21,11 +23,15 @@ from minisgl_cli.engine.request import SamplingParams
 from minisgl_cli.engine.tokenize import ChatPrompt, Prompt
 from minisgl_cli.server.messages import (
     AbortRequest,
+    DetokenizeQuery,
+    DetokenizeReply,
     EngineStats,
     GenerateRequest,
     Ready,
     Rejected,
     TextOutput,
+    TokenizeQuery,
+    TokenizeReply,
     pack,
     unpack,
 )
@@ -46,6 +52,10 @@ class RequestRejected(Exception):
 
 class EngineUnavailable(Exception):
     """An engine process died: nothing in flight can finish (HTTP 503)."""
+
+
+# What a request's queue receives: its outputs (or a tokenizer's one reply), a rejection, or the engine's death.
+_Item = TextOutput | TokenizeReply | DetokenizeReply | Rejected | EngineUnavailable
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,7 @@ class EngineClient:
         self.stats: EngineStats | None = None  # the scheduler's latest
         self.healthy = True
         self._addresses = addresses
-        self._queues: dict[int, asyncio.Queue[TextOutput | Rejected | EngineUnavailable]] = {}
+        self._queues: dict[int, asyncio.Queue[_Item]] = {}
         self._rids = itertools.count()
         self._ctx: zmq.asyncio.Context | None = None
         self._task: asyncio.Task[None] | None = None
@@ -126,7 +136,7 @@ class EngineClient:
         if self._death is not None:
             raise EngineUnavailable(self._death)
         rid = next(self._rids)
-        queue: asyncio.Queue[TextOutput | Rejected | EngineUnavailable] = asyncio.Queue()
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._queues[rid] = queue
         outbox = self._outboxes[rid % len(self._outboxes)]
         done = False
@@ -140,6 +150,7 @@ class EngineClient:
                 if isinstance(item, EngineUnavailable):
                     done = True
                     raise item
+                assert isinstance(item, TextOutput)
                 done = item.finish_reason is not None
                 yield item
                 if done:
@@ -149,6 +160,43 @@ class EngineClient:
             if not done and self.healthy:
                 # Not awaited: this runs in cancellation too. A PUSH to a live peer sends without blocking.
                 outbox.send(pack(AbortRequest(rid)))
+
+    async def tokenize(
+        self, prompt: str | ChatPrompt, *, add_special_tokens: bool = True, token_strs: bool = False
+    ) -> TokenizeReply:
+        """The prompt's token ids, as generation would see them. RequestRejected for a prompt the worker
+        cannot tokenize (no tokenizer, a template that refuses the chat), or EngineUnavailable."""
+        reply = await self._ask(
+            lambda rid: TokenizeQuery(rid, _plain(prompt), add_special_tokens, token_strs)
+        )
+        assert isinstance(reply, TokenizeReply)
+        return reply
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`; RequestRejected for ids outside the vocabulary or a model without a
+        tokenizer, or EngineUnavailable."""
+        reply = await self._ask(lambda rid: DetokenizeQuery(rid, [int(t) for t in token_ids]))
+        assert isinstance(reply, DetokenizeReply)
+        return reply.text
+
+    async def _ask(self, query: Callable[[int], Any]) -> _Item:
+        """Send `query(rid)` to the rid's tokenizer worker and wait for its one answer. Nothing runs in the
+        engine, so a caller that goes away leaves nothing to abort: a late answer is dropped."""
+        if self._death is not None:
+            raise EngineUnavailable(self._death)
+        rid = next(self._rids)
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._queues[rid] = queue
+        try:
+            await self._outboxes[rid % len(self._outboxes)].send(pack(query(rid)))
+            item = await queue.get()
+        finally:
+            del self._queues[rid]
+        if isinstance(item, Rejected):
+            raise RequestRejected(item)
+        if isinstance(item, EngineUnavailable):
+            raise item
+        return item
 
     async def _route(self) -> None:
         while True:
@@ -169,5 +217,5 @@ def _plain(prompt: Prompt) -> str | list[int] | list[dict[str, object]] | ChatPr
         return prompt
     items = list(prompt)
     if items and isinstance(items[0], int):
-        return [int(t) for t in items]  # type: ignore[arg-type]
+        return list(map(int, items))  # type: ignore[arg-type]
     return [dict(m) for m in items]  # type: ignore[arg-type]

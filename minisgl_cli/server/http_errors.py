@@ -72,7 +72,13 @@ def as_api_error(exc: Exception) -> ApiError:
 def _request_field_names() -> frozenset[str]:
     names: set[str] = set()
     seen: set[type[BaseModel]] = set()
-    pending: list[type[BaseModel]] = [p.ChatCompletionRequest, p.CompletionRequest, p.NativeGenerateRequest]
+    pending: list[type[BaseModel]] = [
+        p.ChatCompletionRequest,
+        p.CompletionRequest,
+        p.NativeGenerateRequest,
+        p.TokenizeRequest,
+        p.DetokenizeRequest,
+    ]
     while pending:
         model = pending.pop()
         seen.add(model)

@@ -1,4 +1,5 @@
-"""The HTTP API's request and response bodies: OpenAI's shapes, plus the native /generate ones (pydantic).
+"""The HTTP API's request and response bodies: OpenAI's shapes, plus the native /generate ones and vLLM's
+/tokenize and /detokenize ones (pydantic).
 
 Every field of OpenAI's chat and text completion requests is declared here, so none is dropped unseen:
 it either works, is accepted as a no-op because it cannot change the output (`user`, `metadata`, ...), or
@@ -8,7 +9,8 @@ declared here (top_k, guided_regex, structured_outputs, ...), are ignored, as vL
 warning per name per process. Ranges that the engine's SamplingParams checks itself (temperature, top_p,
 penalties, logit_bias values, ...) are left to it, so each range is written once; the models bound only
 what the API owns (n, logprobs counts) and what must survive the trip to the engine (integers fit in
-int64, strings encode as UTF-8).
+int64, strings encode as UTF-8). vLLM's /tokenize fields follow the same policy: what would render a chat
+otherwise than a chat completion does (add_generation_prompt false, a chat_template) is refused by name.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SerializerFunctionWrapHandler,
     Strict,
+    Tag,
     ValidationInfo,
     field_validator,
     model_serializer,
@@ -35,6 +39,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from minisgl_cli.engine.structured import StructuredOutput
+from minisgl_cli.engine.tokenize import ChatPrompt
 from minisgl_cli.errors import InvalidParameter
 from minisgl_cli.server.chat_output import required_schema
 
@@ -113,7 +118,8 @@ def _same(value: Any, allowed: Any) -> bool:
 def _objects(value: Any, path: str) -> Iterator[tuple[BaseModel, str]]:
     if isinstance(value, BaseModel):
         yield value, path
-    elif isinstance(value, list):
+    elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+        # A validated list holds one kind of item: one of a million token ids is not looked at each.
         yield from ((v, f"{path}[{i}]") for i, v in enumerate(value) if isinstance(v, BaseModel))
 
 
@@ -474,9 +480,38 @@ class ChatCompletionRequest(OpenAIRequest):
 TokenIds = Annotated[list[Int64], Field(min_length=1)]
 
 
+def _prompt_kind(value: Any) -> str | None:
+    # The first element decides: pydantic's smart union would instead try every member on the whole list,
+    # which for a body of a million token ids costs seconds of the event loop rather than a fraction of one.
+    if isinstance(value, str):
+        return "str"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else 0  # an empty list is refused as an empty token-id prompt
+    if isinstance(first, str):
+        return "list[str]"
+    return "list[list[int]]" if isinstance(first, list) else "list[int]"
+
+
+# The tags read like pydantic's own union labels, which error paths skip (they are no field names).
+PromptField = Annotated[
+    Annotated[Text, Tag("str")]
+    | Annotated[list[Text], Tag("list[str]")]
+    | Annotated[TokenIds, Tag("list[int]")]
+    | Annotated[list[TokenIds], Tag("list[list[int]]")],
+    Discriminator(
+        _prompt_kind,
+        custom_error_type="prompt_type",
+        custom_error_message=(
+            "a prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+        ),
+    ),
+]
+
+
 class CompletionRequest(OpenAIRequest):
     # One prompt (text or token ids) or a batch of them.
-    prompt: Text | list[Text] | TokenIds | list[TokenIds]
+    prompt: PromptField
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: Annotated[Any, Refused("the prompt is not echoed", (None, False))] = False
     suffix: Annotated[Any, Refused("inserting text before a suffix is not implemented", (None, ""))] = None
@@ -528,6 +563,59 @@ class NativeGenerateRequest(Lenient):
     @property
     def prompt(self) -> str | list[int]:
         return self.text if self.text is not None else list(self.input_ids or [])
+
+
+_ONE_RENDERING = "a chat is rendered as a chat completion renders it: the model's template, generation prompt"
+
+
+class TokenizeRequest(Lenient):
+    """POST /tokenize (vLLM's shape): exactly one of a text `prompt` and chat `messages`."""
+
+    model: str | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = None  # offered to the chat template, as a chat completion offers them
+    chat_template_kwargs: dict[str, Any] | None = None
+    # None: true for a prompt (BOS, as generation adds it), false for messages (their template writes it).
+    add_special_tokens: bool | None = None
+    return_token_strs: bool | None = False
+    add_generation_prompt: Annotated[Any, Refused(_ONE_RENDERING, (None, True))] = None
+    continue_final_message: Annotated[Any, Refused(_ONE_RENDERING, (None, False))] = None
+    chat_template: Annotated[Any, Refused(_ONE_RENDERING)] = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' and 'messages'")
+        if self.messages is None and (self.tools is not None or self.chat_template_kwargs is not None):
+            raise ValueError("'tools' and 'chat_template_kwargs' go with 'messages', not with 'prompt'")
+        return self
+
+    @property
+    def special_tokens(self) -> bool:
+        """add_special_tokens, as the kind of input takes it; InvalidParameter for true with messages."""
+        if self.messages is None:
+            return self.add_special_tokens is not False
+        if self.add_special_tokens:
+            raise InvalidParameter(
+                "'add_special_tokens' must be false with 'messages': the chat template writes the special "
+                "tokens itself, as it does for a chat completion",
+                "add_special_tokens",
+            )
+        return False
+
+    def to_prompt(self) -> str | ChatPrompt:
+        if self.messages is None:
+            return self.prompt or ""
+        tools = [t.to_prompt() for t in self.tools] if self.tools else None
+        return ChatPrompt([m.to_prompt() for m in self.messages], tools, self.chat_template_kwargs or {})
+
+
+class DetokenizeRequest(Lenient):
+    """POST /detokenize (vLLM's shape)."""
+
+    model: str | None = None
+    tokens: list[Int64]
 
 
 # ---- responses
@@ -670,6 +758,21 @@ class NativeGenerateResponse(BaseModel):
     text: str
     output_ids: list[int]
     meta_info: NativeMetaInfo
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int  # the context length, as /v1/models reports it
+    tokens: list[int]
+    token_strs: list[str] | None = None  # each token as the vocabulary spells it, with return_token_strs
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
 
 
 class ErrorDetail(BaseModel):
