@@ -10,6 +10,7 @@ parent's death, and the loops check their parent as a fallback where that is una
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ from types import FrameType
 
 import zmq
 
+from minisgl_cli import log_format
 from minisgl_cli.engine.tp_ranks import die_with_parent
 from minisgl_cli.errors import MinisglError
 from minisgl_cli.server.messages import Failed, Ready, pack
@@ -33,7 +35,8 @@ def prepare_child(log_level: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _request_stop)
     die_with_parent()  # where it is unavailable, the keep_running checks remain
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(processName)s %(message)s", force=True)
+    # The launcher names each process "minisgl-<role>"; its lines carry the role, like the launcher's own.
+    log_format.install(log_level, multiprocessing.current_process().name.removeprefix("minisgl-"))
     return parent
 
 
@@ -59,7 +62,7 @@ def startup_failures(address: str, role: str) -> Iterator[None]:
     try:
         yield
     except MinisglError as exc:
-        report(address, Failed(role, str(exc)))
+        report(address, Failed(role, str(exc), exc.exit_code))
         sys.exit(1)
     except Exception as exc:
         logging.getLogger(__name__).exception("%s failed to start", role)

@@ -14,6 +14,12 @@ port in use fails at once, before the model loads) but only listens once every p
 SIGINT/SIGTERM stop the listener, let in-flight requests finish (uvicorn's graceful shutdown), then stop the
 children. A child that dies turns /health to 503, fails what was in flight, and the server exits with
 status 1 shortly after, rather than hanging on a dead engine.
+
+Every process logs to the same stderr in one format (log_format.py), naming its role: "api" (this process on
+node 0; "node-N" on another node), "scheduler" (or "scheduler-R"), "tokenizer-I"; uvicorn's loggers go
+through the same handler. At the default level the log has one start-up line (what is served, where), the
+access log (access_log.py), rank 0's state line while requests run (state_log.py) and its summary at
+shutdown.
 """
 
 from __future__ import annotations
@@ -34,12 +40,15 @@ from types import FrameType
 
 import zmq
 
-from minisgl_cli.config import Config
+from minisgl_cli import log_format
+from minisgl_cli.config import Config, LoadedConfig
 from minisgl_cli.engine.tp_ranks import RankPlace, check_tp
 from minisgl_cli.errors import MinisglError, UsageError
+from minisgl_cli.generation_config import with_generation_config
 from minisgl_cli.model_source import ModelSource, resolve_model
 from minisgl_cli.server.engine_client import EngineClient, IpcAddresses
 from minisgl_cli.server.messages import Failed, Ready, unpack
+from minisgl_cli.wording import plural
 
 log = logging.getLogger("minisgl.serve")
 
@@ -97,11 +106,16 @@ class Nodes:
         return [RankPlace(first + i, self.tp, i, init) for i in range(self.ranks_per_node)]
 
 
-def serve(config: Config, log_level: str) -> int:
+def serve(loaded: LoadedConfig, log_level: str) -> int:
     """Run the server until it is stopped; the exit status (0 after SIGINT/SIGTERM). On a node other than
-    0 of a multi-node set-up, run this node's ranks until node 0 stops them."""
+    0 of a multi-node set-up, run this node's ranks until node 0 stops them.
+
+    `loaded` says where each setting came from, so the model's generation_config.json can fill in the
+    sampling defaults of requests that no file, env or flag set (generation_config.py)."""
+    config = loaded.config
     engine_cfg, server_cfg = config.engine, config.server
     nodes = Nodes.of(config)
+    log_format.set_role("api" if nodes.node_rank == 0 else f"node-{nodes.node_rank}")
     if nodes.node_rank > 0:
         return _serve_ranks(config, nodes, log_level)
     listener = _bind(server_cfg.host, server_cfg.port)
@@ -113,11 +127,13 @@ def serve(config: Config, log_level: str) -> int:
             )
         source = resolve_model(engine_cfg.model, engine_cfg.dummy_weights)  # converts a GGUF once, here
         check_tp(engine_cfg, source, nodes.ranks_per_node)
+        config = with_generation_config(loaded, source.path).config
+        log.debug("request sampling defaults: %s", config.sampling)
         if nodes.nnodes > 1:
             log.info(
-                "waiting for the other %d node(s), %d rank(s), to join at %s",
-                nodes.nnodes - 1,
-                nodes.tp - nodes.ranks_per_node,
+                "waiting for the other %s, %s, to join at %s",
+                plural(nodes.nnodes - 1, "node"),
+                plural(nodes.tp - nodes.ranks_per_node, "rank"),
                 nodes.init_addr,
             )
         with _engine_processes(config, nodes, source, log_level, server_cfg.num_tokenizers) as started:
@@ -220,7 +236,15 @@ def _spawn_ranks(
             _start(
                 rank.role,
                 scheduler_main,
-                (config.engine, source, addresses, config.server.max_queue, log_level, rank),
+                (
+                    config.engine,
+                    source,
+                    addresses,
+                    config.server.max_queue,
+                    config.server.log_interval,
+                    log_level,
+                    rank,
+                ),
             )
         )
     return children
@@ -229,10 +253,11 @@ def _spawn_ranks(
 def _spawn_tokenizers(
     config: Config, source: ModelSource, vocab_size: int, addresses: IpcAddresses, log_level: str
 ) -> list[_Child]:
-    from minisgl_cli.server.tokenizer_worker import tokenizer_main
+    from minisgl_cli.server.tokenizer_worker import context_bound, tokenizer_main
 
+    context = context_bound(config.engine, source)  # to refuse a prompt far over it before tokenizing it all
     return [
-        _start(f"tokenizer-{i}", tokenizer_main, (i, source, vocab_size, addresses, log_level))
+        _start(f"tokenizer-{i}", tokenizer_main, (i, source, vocab_size, addresses, log_level, context))
         for i in range(config.server.num_tokenizers)
     ]
 
@@ -254,7 +279,10 @@ def _wait_ready(ready: zmq.Socket, children: list[_Child], engine_role: str) -> 
         if ready.poll(200):
             message = unpack(ready.recv())
             if isinstance(message, Failed):
-                raise MinisglError(message.message)
+                # The child's error class does not cross the process boundary; its exit status does.
+                raise (UsageError if message.exit_code == UsageError.exit_code else MinisglError)(
+                    message.message
+                )
             pending.discard(message.role)
             if message.role == engine_role:
                 info = message
@@ -268,20 +296,32 @@ def _wait_ready(ready: zmq.Socket, children: list[_Child], engine_role: str) -> 
     return info
 
 
-def _log_startup(info: Ready, children: list[_Child], listener: socket.socket, config: Config) -> None:
+def _log_startup(
+    info: Ready, children: list[_Child], listener: socket.socket, config: Config, parsers: str
+) -> None:
+    """The one start-up line: what is served, on what, where (the URL last, where the eye lands)."""
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    tp = config.engine.tp
+    tp, nnodes = config.engine.tp, config.server.nnodes
+    if tp == 1:
+        placed = f"{info.device}, tp 1"
+    else:
+        placed = f"{tp} {info.device.split(':')[0]} ranks (tensor parallel)"
+        placed += f" over {nnodes} nodes" if nnodes > 1 else ""
     log.info(
-        "model %s: %s on %s, KV cache %s tokens, context length %s",
+        "serving %s: %s on %s, KV cache %s tokens, max %d running requests, context length %s, %s; "
+        "processes: %s. Listening on http://%s:%d (OpenAI API under /v1; Ctrl-C stops)",
         config.server.served_model_name or info.model_name,
         info.dtype,
-        info.device if tp == 1 else f"{tp} {info.device.split(':')[0]} ranks (tensor parallel)",
+        placed,
         f"{info.kv_tokens:,}",
+        config.engine.max_running_requests,
         f"{info.context_length:,}",
+        parsers,
+        ", ".join(f"{c.role} (pid {c.process.pid})" for c in children),
+        shown,
+        port,
     )
-    log.info("processes: %s", ", ".join(f"{c.role} (pid {c.process.pid})" for c in children))
-    log.info("Listening on http://%s:%d (OpenAI API under /v1; Ctrl-C stops)", shown, port)
 
 
 def _serve_http(
@@ -294,25 +334,30 @@ def _serve_http(
 ) -> int:
     import uvicorn
 
+    from minisgl_cli.server.access_log import AccessLog
     from minisgl_cli.server.api import ApiSettings, create_app
     from minisgl_cli.server.output_parsers import pick_parsers
 
     engine = EngineClient(addresses, info)
     tool_parser, reasoning_parser = pick_parsers(config.server, source)
-    log.info("tool-call parser: %s; reasoning parser: %s", tool_parser or "none", reasoning_parser or "none")
+    parsers = f"tool-call parser {tool_parser or 'none'}, reasoning parser {reasoning_parser or 'none'}"
     settings = ApiSettings(
         served_model_name=config.server.served_model_name or info.model_name,
         api_key=config.server.api_key,
         sampling_defaults=config.sampling,
         tool_call_parser=tool_parser,
         reasoning_parser=reasoning_parser,
+        max_request_bytes=config.server.max_request_bytes,
     )
     debug = log.getEffectiveLevel() <= logging.DEBUG
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(engine, settings),
+            AccessLog(create_app(engine, settings), enabled=config.server.access_log),
+            # log_config None: uvicorn's loggers keep no handlers of their own and reach the root's, in the
+            # common format. Its start-up and shutdown lines at info are the ones _log_startup replaces.
+            log_config=None,
             log_level="info" if debug else "warning",
-            access_log=debug,
+            access_log=False,  # AccessLog's lines instead: they have the duration
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
     )
@@ -331,7 +376,7 @@ def _serve_http(
     previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGINT, signal.SIGTERM)}
     # Listening from here on: connections made before uvicorn's loop accepts them wait in the backlog.
     listener.listen(BACKLOG)
-    _log_startup(info, children, listener, config)
+    _log_startup(info, children, listener, config, parsers)
     try:
         server.run(sockets=[listener])
     finally:

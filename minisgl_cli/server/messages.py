@@ -2,6 +2,7 @@
 
     api --GenerateRequest/AbortRequest--> tokenizer worker --TokenizedRequest/AbortRequest--> scheduler
     scheduler --TokenOutput batch--> the request's tokenizer worker (detokenizes) --TextOutput batch--> api
+    api --TokenizeQuery/DetokenizeQuery--> a tokenizer worker --TokenizeReply/DetokenizeReply--> api
     scheduler --EngineStats--> api;   any stage --Rejected--> api (the request never ran)
     every process --Ready/Failed--> the launcher, once; the launcher stops them with SIGTERM (server/child.py)
 
@@ -118,6 +119,41 @@ class TextOutput:
 
 @_register
 @dataclass
+class TokenizeQuery:
+    """/tokenize: a prompt's token ids, as generation would see them; nothing runs."""
+
+    rid: int
+    prompt: str | ChatPrompt
+    add_special_tokens: bool = True  # text only: a chat's template writes its own
+    token_strs: bool = False  # also each token as the vocabulary spells it
+
+
+@_register
+@dataclass
+class TokenizeReply:
+    rid: int
+    token_ids: list[int]
+    token_strs: list[str] | None = None
+
+
+@_register
+@dataclass
+class DetokenizeQuery:
+    """/detokenize: the text of some token ids."""
+
+    rid: int
+    token_ids: list[int]
+
+
+@_register
+@dataclass
+class DetokenizeReply:
+    rid: int
+    text: str
+
+
+@_register
+@dataclass
 class Rejected:
     """A request refused before it ran: the API answers it with this HTTP status and OpenAI error body."""
 
@@ -170,35 +206,30 @@ class Failed:
 
     role: str
     message: str
+    exit_code: int = 1  # the error's CLI exit status: 2 for the user's mistake (errors.py), else 1
 
 
-def _to_wire(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        if type(value).__name__ not in _TYPES:
-            raise TypeError(f"{type(value).__name__} is not a registered message type")
-        wire = {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        wire[_TYPE_KEY] = type(value).__name__
-        return wire
-    if isinstance(value, (list, tuple)):
-        return [_to_wire(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_wire(v) for k, v in value.items()}
-    return value
+def _to_wire(value: Any) -> dict[str, Any]:
+    # msgpack's `default`: called only for what it cannot pack itself, so a list of a million token ids is
+    # packed in C rather than visited element by element here.
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        raise TypeError(f"cannot pack a {type(value).__name__}")
+    if type(value).__name__ not in _TYPES:
+        raise TypeError(f"{type(value).__name__} is not a registered message type")
+    wire = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    wire[_TYPE_KEY] = type(value).__name__
+    return wire
 
 
-def _from_wire(value: Any) -> Any:
-    if isinstance(value, dict):
-        name = value.get(_TYPE_KEY)
-        fields = {k: _from_wire(v) for k, v in value.items() if k != _TYPE_KEY}
-        return _TYPES[name](**fields) if name is not None else fields
-    if isinstance(value, list):
-        return [_from_wire(v) for v in value]
-    return value
+def _from_wire(fields: dict[Any, Any]) -> Any:
+    # msgpack's `object_hook`: called for each map, innermost first; lists are left to C.
+    name = fields.pop(_TYPE_KEY, None)
+    return _TYPES[name](**fields) if name is not None else fields
 
 
 def pack(message: Any) -> bytes:
-    return msgpack.packb(_to_wire(message), use_bin_type=True)
+    return msgpack.packb(message, default=_to_wire, use_bin_type=True)
 
 
 def unpack(data: bytes) -> Any:
-    return _from_wire(msgpack.unpackb(data, raw=False, strict_map_key=False))
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, object_hook=_from_wire)

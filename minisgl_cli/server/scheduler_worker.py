@@ -3,9 +3,10 @@
 Rank 0 (the only rank without tensor parallelism) talks to the rest of the server. Loop: take every message
 waiting (new tokenized requests, aborts) without blocking while there is work, or block briefly when idle;
 run one scheduler step; send each request's new tokens to the tokenizer worker that owns it (it
-detokenizes); now and then send EngineStats to the API (for /metrics). Admission checks that need the
-engine's limits (prompt length, context length, queue length) happen here and come back to the API as a
-Rejected message.
+detokenizes); now and then send EngineStats to the API (for /metrics) and, while requests run, log the
+state line (state_log.py); on the way out, log what it served. Admission checks that need the engine's
+limits (prompt length, context length, queue length) happen here and come back to the API as a Rejected
+message.
 
 Ranks 1..N-1 talk only to rank 0: each holds a whole Scheduler that replays rank 0's (the requests rank 0
 accepted, the aborts, in order; engine/rank_sync.py) and runs every step with it. Rank 0 tells them to stop
@@ -40,6 +41,8 @@ from minisgl_cli.server.messages import (
     pack,
     unpack,
 )
+from minisgl_cli.server.state_log import StateLog
+from minisgl_cli.wording import plural
 
 # torch loads inside the functions that need it: the launcher imports this module for its entry point.
 
@@ -62,6 +65,7 @@ def scheduler_main(
     source: ModelSource,
     addresses: IpcAddresses,
     max_queue: int,
+    log_interval: float,
     log_level: str,
     rank: Rank,
 ) -> None:
@@ -70,7 +74,11 @@ def scheduler_main(
     with startup_failures(addresses.ready, rank.role):
         cfg, tp = join(cfg, rank.place)
         engine = build_engine(cfg, source, tp=tp)
-        worker = SchedulerWorker(RequestTable(engine), addresses, max_queue) if tp.rank == 0 else None
+        worker = (
+            SchedulerWorker(RequestTable(engine), addresses, max_queue, log_interval)
+            if tp.rank == 0
+            else None
+        )
     runner = engine.runner
     report(
         addresses.ready,
@@ -152,7 +160,9 @@ class RequestTable:
 class SchedulerWorker:
     """Rank 0: the ZMQ side (requests in, tokens and stats out) and admission checks."""
 
-    def __init__(self, requests: RequestTable, addresses: IpcAddresses, max_queue: int) -> None:
+    def __init__(
+        self, requests: RequestTable, addresses: IpcAddresses, max_queue: int, log_interval: float = 0.0
+    ) -> None:
         self.requests = requests
         self.scheduler = requests.scheduler
         self.max_queue = max_queue
@@ -168,10 +178,14 @@ class SchedulerWorker:
             self._tokenizers.append(sock)
         self._stats_due = True
         self._stats_sent_at = 0.0
+        self._state_log = StateLog(log_interval)
+        self._served = 0  # requests that ran to their end (not aborted by their client), for the last line
+        self._now = time.monotonic()  # read once per loop iteration, after its step
 
     def run(self, parent: int) -> None:
         poller = zmq.Poller()
         poller.register(self._inbox, zmq.POLLIN)
+        started = self._now
         while keep_running(parent):
             idle = not poller.poll(self._poll_timeout_ms())
             if not idle:
@@ -184,15 +198,23 @@ class SchedulerWorker:
             if busy or (idle and self.scheduler.leader is not None):
                 self._send_outputs(self.requests.step())
                 self._stats_due = self._stats_due or busy
+            self._now = time.monotonic()
             self._maybe_send_stats()
+            self._maybe_log_state(busy)
         if self.scheduler.leader is not None:
             self.scheduler.leader.stop()
+        log.info(
+            "shutting down: served %s, %s in %.1f s",
+            plural(self._served, "request"),
+            plural(self.scheduler.stats().tokens_generated, "generated token"),
+            time.monotonic() - started,
+        )
 
     def _poll_timeout_ms(self) -> int:
         if self.scheduler.has_work:
             return 0
-        if self._stats_due:  # wake up in time to send them
-            wait = STATS_INTERVAL_S - (time.monotonic() - self._stats_sent_at)
+        if self._stats_due:  # wake up in time to send them (the clock as of the last step is close enough)
+            wait = STATS_INTERVAL_S - (self._now - self._stats_sent_at)
             return max(0, min(IDLE_POLL_MS, int(wait * 1000) + 1))
         return IDLE_POLL_MS
 
@@ -222,7 +244,8 @@ class SchedulerWorker:
             self._reject(
                 item.rid,
                 503,
-                f"the server is at capacity: {len(scheduler.waiting)} requests are already waiting; retry later",
+                f"the server is at capacity: {plural(len(scheduler.waiting), 'request')} already waiting; "
+                "retry later",
                 code="queue_full",
             )
             return
@@ -231,7 +254,7 @@ class SchedulerWorker:
             self._reject(
                 item.rid,
                 400,
-                f"the prompt ({n} tokens) plus max_tokens ({m}) is {n + m} tokens, more than the "
+                f"the prompt ({plural(n, 'token')}) plus max_tokens ({m}) is {n + m} tokens, more than the "
                 f"{scheduler.max_seq_len} this model can hold: shorten the prompt or lower max_tokens",
                 param="max_tokens",
                 code="context_length_exceeded",
@@ -262,12 +285,14 @@ class SchedulerWorker:
             batches[rid % len(batches)].append(
                 TokenOutput(rid, new, logprobs, req.finish_reason, req.prompt_len, req.num_cached)
             )
+            if req.finished:
+                self._served += 1
         for sock, batch in zip(self._tokenizers, batches, strict=True):
             if batch:
                 sock.send(pack(batch))
 
     def _maybe_send_stats(self) -> None:
-        now = time.monotonic()
+        now = self._now
         if not self._stats_due or now - self._stats_sent_at < STATS_INTERVAL_S:
             return
         s = self.scheduler.stats()
@@ -287,3 +312,9 @@ class SchedulerWorker:
         )
         self._stats_due = False
         self._stats_sent_at = now
+
+    def _maybe_log_state(self, stepped_busy: bool) -> None:
+        # A request can arrive and finish between two checks: the step it ran in counts as work too.
+        busy = self.scheduler.has_work
+        if self._state_log.due(self._now, busy or stepped_busy):
+            log.info("%s", self._state_log.line(self._now, self.scheduler.stats(), busy))
