@@ -1,7 +1,9 @@
 """The one configuration loader shared by every subcommand.
 
-Precedence, lowest first: built-in defaults < TOML file (``--config PATH``, else env ``MINISGL_CONFIG``)
-< environment ``MINISGL_<FIELD>`` < command-line flags. Every field is declared once, below, with its
+Precedence, lowest first: built-in defaults < the model's generation_config.json (sampling fields only;
+laid over the loaded config by ``with_model_defaults`` once the model is known, see generation_config.py)
+< TOML file (``--config PATH``, else env ``MINISGL_CONFIG``) < environment ``MINISGL_<FIELD>`` < command-line
+flags. Every field is declared once, below, with its
 help text and limits in the dataclass field metadata; flag names, env names, TOML keys, help and
 validation are all derived from that declaration, so they cannot drift apart.
 """
@@ -119,6 +121,13 @@ class EngineConfig(_Section):
         "Unset: the embedded SmolLM2-135M-Instruct.",
     )
     dummy_weights: bool = setting(False, "Random weights at the model's real shape (no download needed).")
+    generation_config: str = setting(
+        "auto",
+        'Sampling defaults from a generation_config.json: "auto" (the model\'s own, when it has one), "none" '
+        "(built-in defaults only), or the path of such a file or of a directory holding one.",
+        check=lambda value: value.strip() != "",
+        expected='"auto", "none", or the path of a generation_config.json or of its directory',
+    )
     dtype: str = setting(
         "auto", "Weight and activation dtype.", choices=("auto", "float32", "bfloat16", "float16")
     )
@@ -174,7 +183,21 @@ class ServerConfig(_Section):
     api_key: str | None = setting(None, "Require this key as 'Authorization: Bearer KEY'.")
     max_queue: int = setting(1024, "Most waiting requests before new ones get HTTP 503.", min=1)
     num_tokenizers: int = setting(1, "Tokenizer worker processes.", min=1)
+    max_request_bytes: int = setting(
+        8 * 1024 * 1024,
+        "Largest request body in bytes; a bigger one gets HTTP 413 unread. Reading, parsing and tokenizing a "
+        "body costs CPU in proportion to its size; 8 MiB is some 2M tokens of text, more than any context.",
+        min=1,
+    )
     served_model_name: str | None = setting(None, "Model name reported by the API (default: the model path).")
+    log_interval: float = setting(
+        10.0,
+        "Seconds between state lines (running, waiting, tok/s, KV use) while requests run (0: none).",
+        min=0,
+    )
+    access_log: bool = setting(
+        True, "Log a line per HTTP request (/health and /metrics only at --log-level debug)."
+    )
     tool_call_parser: str = setting(
         "auto",
         "How tool calls are read from the model's output (auto: from its chat template; none: never).",
@@ -268,7 +291,8 @@ class Setting:
 @dataclass
 class LoadedConfig:
     config: Config
-    # field name -> "default", "file /abs/a.toml", "env MINISGL_PORT" or "flag --port"
+    # field name -> "default", "generation_config /abs/generation_config.json", "file /abs/a.toml",
+    # "env MINISGL_PORT" or "flag --port"
     sources: dict[str, str]
 
 
@@ -497,3 +521,19 @@ def load_config(
         for section, cls in SECTIONS.items()
     }
     return LoadedConfig(Config(**sections), sources)
+
+
+def with_model_defaults(loaded: LoadedConfig, values: Mapping[str, Any], source: str) -> LoadedConfig:
+    """`loaded` with `values` (field name -> value) laid just above the built-in defaults, attributed to `source`.
+
+    The layer a model brings (its generation_config.json) is known only once the loaded config has named the
+    model, so it comes after load_config; taking only the fields still at their default is the same as
+    having loaded it first, beneath the file, env and flags. The sections validate what they are given.
+    """
+    taken = {name: value for name, value in values.items() if loaded.sources[name] == "default"}
+    sections = {}
+    for section in SECTIONS:
+        current = getattr(loaded.config, section)
+        own = {name: value for name, value in taken.items() if SETTINGS[name].section == section}
+        sections[section] = dataclasses.replace(current, **own) if own else current
+    return LoadedConfig(Config(**sections), {**loaded.sources, **dict.fromkeys(taken, source)})

@@ -185,9 +185,11 @@ def write_gguf(
     case: TinyCase,
     arch_name: str | None = None,
     overrides: dict[str, Q] | None = None,
+    sampling: dict[str, float] | None = None,
 ) -> Path:
     """Write `model` as llama.cpp would: metadata, tokenizer, F32 norms, matrices in `case.matrix_type`
-    (or per GGUF tensor name in `overrides`), llama q/k permuted. `arch_name` lies about the architecture."""
+    (or per GGUF tensor name in `overrides`), llama q/k permuted. `arch_name` lies about the architecture.
+    `sampling` is general.sampling.* metadata by llama.cpp's key ("temp", "top_k", "penalty_repeat", ...)."""
     config = model.config
     arch = arch_name or case.arch
     writer = gguf.GGUFWriter(str(path), arch)
@@ -217,6 +219,8 @@ def write_gguf(
         writer.add_eot_token_id(special_id(case.eos[1]))
     writer.add_add_bos_token(case.add_bos)
     writer.add_chat_template(CHATML_TEMPLATE)
+    for key, value in (sampling or {}).items():
+        getattr(writer, f"add_sampling_{key}")(value)
 
     for hf, param in model.state_dict().items():
         if hf == "lm_head.weight" and case.tied:

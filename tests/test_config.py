@@ -1,10 +1,15 @@
-"""The config loader: precedence, source attribution, parsing and one-sentence errors for every source."""
+"""The config loader: precedence, source attribution, parsing and one-sentence errors for every source; and
+`config show`'s view of the model's generation config and of what "auto" resolves to."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -33,10 +38,12 @@ SPEC_DEFAULTS = {
         kv_cache_tokens=None, kv_cache_gb=None, mem_fraction=0.85, max_running_requests=256,
         max_prefill_tokens=8192, context_length=None, cache_type="radix", attention_backend="auto",
         prefill_kernel="auto", decode_kernel="auto", cuda_graph_max_bs=256, disable_overlap=False,
-        mixed_steps=False, tp=1,
+        mixed_steps=False, tp=1, generation_config="auto",
     ),
     "server": dict(
-        host="127.0.0.1", port=1919, api_key=None, max_queue=1024, num_tokenizers=1, served_model_name=None,
+        host="127.0.0.1", port=1919, api_key=None, max_queue=1024, num_tokenizers=1,
+        max_request_bytes=8 * 1024 * 1024, served_model_name=None,
+        log_interval=10.0, access_log=True,
         tool_call_parser="auto", reasoning_parser="auto", nnodes=1, node_rank=0, dist_init_addr=None,
     ),
     "sampling": dict(
@@ -375,3 +382,109 @@ def test_dist_init_addr_without_host_and_port_is_refused(addr: str) -> None:
     with pytest.raises(UsageError) as info:
         load_config(environ={"MINISGL_DIST_INIT_ADDR": addr})
     assert str(info.value).endswith('expected "HOST:PORT" (an IPv6 host in brackets: "[::1]:5000")')
+
+
+# ---- `minisgl config show`: the model's generation config as a source, and what "auto" resolves to
+
+
+def config_show(*args: str | Path) -> tuple[int, str, str]:
+    """`minisgl config show ARGS` in this process: (exit status, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from minisgl_cli.cli import ui
+    from minisgl_cli.cli.app import app
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with CliRunner().isolation() as (out, err, _):
+            code = ui.run(app, ["config", "show", *map(str, args)])
+            sys.stdout.flush()
+            sys.stderr.flush()
+            return code, out.getvalue().decode(), err.getvalue().decode()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def show_json(*args: str | Path) -> dict[str, Any]:
+    code, out, err = config_show("--json", *args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def _auto_here() -> tuple[str, str]:
+    from minisgl_cli.engine.device import resolve_device, resolve_dtype
+
+    device = resolve_device("auto")
+    return str(device), str(resolve_dtype("auto", device)).removeprefix("torch.")
+
+
+def _hf_dir(root: Path, generation: dict[str, Any] | None) -> Path:
+    """A model directory as far as config show reads one: config.json, and generation_config.json if given."""
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    if generation is not None:
+        (root / "generation_config.json").write_text(json.dumps(generation))
+    return root
+
+
+class TestConfigShow:
+    def test_values_from_the_generation_config_name_its_path(self, tmp_path: Path) -> None:
+        model = _hf_dir(tmp_path / "m", {"do_sample": True, "temperature": 0.4, "max_new_tokens": 50})
+        doc = show_json("-m", model, "--top-p", "0.7")
+        file = model / "generation_config.json"
+        assert doc["sampling"]["temperature"] == {"value": 0.4, "source": f"generation_config {file}"}
+        assert doc["sampling"]["max_tokens"] == {"value": 50, "source": f"generation_config {file}"}
+        assert doc["sampling"]["top_p"] == {"value": 0.7, "source": "flag --top-p"}
+        assert doc["sampling"]["top_k"] == {"value": -1, "source": "default"}
+        assert doc["engine"]["generation_config"] == {
+            "value": "auto",
+            "source": "default",
+            "resolved": str(file),
+        }
+        off = show_json("-m", model, "--generation-config", "none")
+        assert off["sampling"]["temperature"] == {"value": 1.0, "source": "default"}
+        assert off["engine"]["generation_config"] == {"value": "none", "source": "flag --generation-config"}
+
+    def test_auto_device_and_dtype_show_what_they_resolve_to_here(self, tmp_path: Path) -> None:
+        device, dtype = _auto_here()
+        model = _hf_dir(tmp_path / "m", None)
+        doc = show_json("-m", model)
+        assert doc["engine"]["device"] == {"value": "auto", "source": "default", "resolved": device}
+        assert doc["engine"]["dtype"] == {"value": "auto", "source": "default", "resolved": dtype}
+        assert doc["engine"]["generation_config"]["resolved"] == "none found"
+        # Given explicitly, they are what they say: nothing to resolve. auto dtype follows the device given.
+        doc = show_json("-m", model, "--device", "cpu")
+        assert doc["engine"]["device"] == {"value": "cpu", "source": "flag --device"}
+        assert doc["engine"]["dtype"]["resolved"] == "float32"
+        assert "resolved" not in show_json("-m", model, "--dtype", "float16")["engine"]["dtype"]
+
+    def test_the_table_shows_auto_with_its_resolution(self) -> None:
+        device, dtype = _auto_here()
+        # A built-in shape with dummy weights: no directory, so no generation config.
+        code, out, err = config_show("-m", "qwen3-0.6b", "--dummy-weights")
+        assert code == 0, err
+        assert f'"auto" ({device})' in out and f'"auto" ({dtype})' in out
+        assert '"auto" (none found)' in out
+
+    def test_an_unconverted_gguf_is_read_not_converted(self, tmp_path: Path) -> None:
+        from convert_helpers import Q, TinyCase, tiny_model, write_gguf
+
+        from minisgl_cli.model_source import cache_path
+
+        case = TinyCase("qwen2", Q.F32, tied=True, add_bos=False, bos="<|endoftext|>", eos=["<|im_end|>"])
+        # Named as GGUF files of SmolLM2-135M-Instruct are: its conversion writes that model card's sampling.
+        gguf = write_gguf(tmp_path / "SmolLM2-135M-Instruct-tiny.gguf", tiny_model(case), case)
+        doc = show_json("-m", gguf)
+        future = cache_path(gguf) / "generation_config.json"
+        source = f"generation_config {future} once {gguf.name} is converted"
+        assert doc["sampling"]["temperature"] == {"value": 0.2, "source": source}
+        assert doc["sampling"]["top_p"] == {"value": 0.9, "source": source}
+        assert not cache_path(gguf).exists()  # nothing converted
+
+    def test_a_model_that_cannot_be_resolved_is_a_note_not_an_error(self, tmp_path: Path) -> None:
+        code, out, err = config_show("--json", "-m", tmp_path / "missing.gguf")
+        assert code == 0, err
+        assert "generation_config.json was not read" in err and "does not exist" in err
+        assert json.loads(out)["sampling"]["temperature"] == {"value": 1.0, "source": "default"}

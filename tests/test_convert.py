@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,14 @@ from transformers import (
 )
 
 from minisgl_cli.cli import ui
-from minisgl_cli.convert import convert, convert_gguf, convert_hf_dir, safetensors_out
+from minisgl_cli.convert import (
+    convert,
+    convert_gguf,
+    convert_hf_dir,
+    read_generation_config,
+    safetensors_out,
+    write_generation_config,
+)
 from minisgl_cli.convert.gguf_file import open_gguf
 from minisgl_cli.convert.gguf_rope import recover_llama3_scaling
 from minisgl_cli.errors import MinisglError, UsageError
@@ -207,7 +216,15 @@ def test_smollm2_config_generation_config_and_progress(smollm2: Converted) -> No
     }
     assert {key: config[key] for key in expected} == expected
     generation = json.loads((smollm2.out / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == 2 and generation["bos_token_id"] == 1
+    # The GGUF carries no sampling metadata: temperature and top_p are its model card's recommendation.
+    assert generation == {
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "do_sample": True,
+        "temperature": 0.2,
+        "top_p": 0.9,
+    }
     special = json.loads((smollm2.out / "special_tokens_map.json").read_text())
     assert special["eos_token"] == "<|im_end|>"
     # One call per tensor (272 in the file, all of them model weights), ending at total.
@@ -301,6 +318,47 @@ def test_synthetic_tokenizer_keeps_bos_rule_template_and_gguf_encoding(synthetic
     assert (
         json.loads((synthetic.out / "tokenizer_config.json").read_text())["add_bos_token"] is starts_with_bos
     )
+
+
+def test_gguf_sampling_metadata_becomes_the_generation_config(tmp_path: Path) -> None:
+    case = CASES["qwen2"]
+    # llama.cpp stores float32: 0.95 arrives as 0.949999988079071 and is written back as 0.95.
+    sampling = {"temp": 0.6, "top_k": 20, "top_p": 0.95, "min_p": 0.05, "penalty_repeat": 1.1}
+    gguf = write_gguf(tmp_path / "tiny.gguf", tiny_model(case), case, sampling=sampling)
+    out = convert_gguf(gguf, tmp_path / "hf")
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert {k: v for k, v in generation.items() if not k.endswith("token_id")} == {
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_k": 20,
+        "top_p": 0.95,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+    }
+    assert read_generation_config(gguf) == generation  # what the metadata alone says, no tensor read
+
+
+def test_a_model_card_fills_in_what_the_gguf_metadata_does_not_say(tmp_path: Path) -> None:
+    # Named as GGUF files of SmolLM2-135M-Instruct are: its card's temperature and top_p; the file's own top_p
+    # wins over the card's.
+    case = CASES["qwen2"]
+    gguf = write_gguf(
+        tmp_path / "SmolLM2-135M-Instruct-Q8_0.gguf", tiny_model(case), case, sampling={"top_p": 0.5}
+    )
+    generation = read_generation_config(gguf)
+    assert (generation["do_sample"], generation["temperature"], generation["top_p"]) == (True, 0.2, 0.5)
+    plain = write_gguf(tmp_path / "other.gguf", tiny_model(case), case)
+    assert not {"do_sample", "temperature", "top_p"} & set(read_generation_config(plain))
+
+
+def test_write_generation_config_rewrites_only_that_file(llama_case: Synthetic, tmp_path: Path) -> None:
+    out = convert_gguf(llama_case.gguf, tmp_path / "hf")
+    weights = (out / "model.safetensors").stat().st_mtime_ns
+    (out / "generation_config.json").write_text("{}")
+    assert write_generation_config(llama_case.gguf, out) == out / "generation_config.json"
+    assert json.loads((out / "generation_config.json").read_text()) == read_generation_config(llama_case.gguf)
+    assert (out / "model.safetensors").stat().st_mtime_ns == weights
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
 # ============================================================== dtype choices, HF -> HF, sharding
@@ -573,5 +631,67 @@ def test_cli_without_src_converts_the_embedded_default_into_the_cache(
 ) -> None:
     assert _cli(["convert"]) == 0
     assert capsys.readouterr().out.strip() == f"smollm2-135m-instruct: {smollm2_dir}"
-    assert _cli(["convert", str(smollm2_dir)]) == 2
-    assert "needs -o/--output" in capsys.readouterr().err
+
+
+def _printed_path(capsys: pytest.CaptureFixture[str], name: str) -> Path:
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"{name}: "), out
+    return Path(out.removeprefix(f"{name}: "))
+
+
+def test_cli_without_output_converts_src_once_into_the_cache_where_model_finds_it(
+    small_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from minisgl_cli.model_source import resolve_model
+
+    monkeypatch.setenv("MINISGL_CACHE", str(tmp_path / "cache"))
+    assert _cli(["convert", str(small_gguf)]) == 0
+    out = _printed_path(capsys, small_gguf.name)
+    assert out.parent == tmp_path / "cache" / "models" and out.name.startswith("small-")
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    weights = (out / "model.safetensors").stat().st_ino
+
+    # `-m SRC` takes that conversion, and so does a second `convert SRC`: neither converts again.
+    assert resolve_model(str(small_gguf)).path == out
+    assert _cli(["convert", str(small_gguf)]) == 0 and _printed_path(capsys, small_gguf.name) == out
+    assert (out / "model.safetensors").stat().st_ino == weights
+    # --force converts again (a new file, swapped in), and another dtype is another directory.
+    assert (
+        _cli(["convert", str(small_gguf), "--force"]) == 0 and _printed_path(capsys, small_gguf.name) == out
+    )
+    assert (out / "model.safetensors").stat().st_ino != weights
+    assert _cli(["convert", str(small_gguf), "--dtype", "bfloat16"]) == 0
+    half = _printed_path(capsys, small_gguf.name)
+    assert half == out.with_name(f"{out.name}-bfloat16")
+    assert json.loads((half / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_cli_without_output_puts_an_hf_dir_in_the_cache_under_its_name(
+    llama_case: Synthetic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MINISGL_CACHE", str(tmp_path / "cache"))
+    src = llama_case.out
+    assert _cli(["convert", str(src), "--dtype", "float16"]) == 0
+    out = _printed_path(capsys, src.name)
+    assert out.parent == tmp_path / "cache" / "models"
+    assert out.name.startswith(f"{src.name}-") and out.name.endswith("-float16")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+@pytest.mark.parametrize(
+    ("umask", "sharded"), [(0o022, False), (0o027, True)], ids=["umask-022", "umask-027"]
+)
+def test_weights_get_the_same_mode_as_every_other_file(
+    small_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask: int, sharded: bool
+) -> None:
+    if sharded:
+        monkeypatch.setattr(safetensors_out, "MAX_SHARD_BYTES", 20_000)
+    old = os.umask(umask)
+    try:
+        out = convert(small_gguf, tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert sharded == ("model.safetensors.index.json" in modes)
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)

@@ -448,7 +448,7 @@ def test_malformed_lines_are_reported_and_the_rest_run(tiny: Path, tmp_path: Pat
     assert [s.split(":")[0] for s in skipped] == [f"skipped input line {n}" for n in (2, 3, 4, 5)]
     assert "temperature" in skipped[1] and "999" in skipped[2] and "600 tokens" in skipped[3]
     assert res.error_lines == [
-        "error: 4 malformed input line(s) skipped (listed above); the other lines were done"
+        "error: 4 malformed input lines skipped (listed above); the other lines were done"
     ]
     assert "Traceback" not in res.stderr
 
@@ -491,6 +491,30 @@ def test_usage_errors_exit_2_with_one_line(
     assert res.code == 2
     assert len(res.error_lines) == 1 and fragment in res.error_lines[0], res.stderr
     assert res.stdout == "" and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "stdin"),
+    [("", None), ("\n   \n\r\n\t\n", None), (None, ""), (None, "\n\n")],
+    ids=["empty-file", "blank-lines-file", "empty-stdin", "blank-lines-stdin"],
+)
+def test_an_input_without_requests_is_a_usage_error(
+    tmp_path: Path, content: str | None, stdin: str | None
+) -> None:
+    if content is None:
+        src, where = "-", "stdin"
+    else:
+        src = where = str(tmp_path / "in.jsonl")
+        Path(src).write_text(content)
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "old"}\n')
+    # No model is needed to see this: a model that does not exist is never looked at.
+    res = run_generate("-f", src, "-o", out, "-m", tmp_path / "no-model", stdin=stdin)
+    assert res.code == 2
+    assert res.stderr.strip().splitlines() == [
+        f"error: no requests in {where} (it is empty or has only blank lines)"
+    ]
+    assert out.read_text() == '{"id": "old"}\n'  # an earlier output is left as it was
 
 
 def test_openai_batch_format_in_and_out(tiny: Path, tiny_llm: LLM, tmp_path: Path) -> None:
@@ -590,3 +614,29 @@ def test_constrained_lines_run_and_out_of_vocabulary_bias_is_a_bad_line(tiny: Pa
     assert [r["id"] for r in records] == ["r"] and re.fullmatch("[0-9]{3}-[0-9]{2}", records[0]["text"])
     assert records[0]["finish_reason"] == "stop"
     assert any("skipped input line 2" in line and "logit_bias" in line for line in res.stderr.splitlines())
+
+
+def test_the_models_generation_config_is_the_default_under_flags_and_lines(tmp_path: Path) -> None:
+    from model_helpers import make_tiny_model
+
+    model = make_tiny_model(tmp_path, "llama", seed=1)
+    generation = json.loads((model / "generation_config.json").read_text())
+    # do_sample false: greedy. max_new_tokens: the default max_tokens.
+    generation.update(do_sample=False, max_new_tokens=4)
+    (model / "generation_config.json").write_text(json.dumps(generation))
+    src = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": "a", "prompt": "Hello world", "ignore_eos": True},
+        {"id": "b", "prompt": "Hello world", "ignore_eos": True, "max_tokens": 2},
+    ])  # fmt: skip
+
+    def token_ids(*flags: str) -> dict[str, list[int]]:
+        res = run_generate("-f", src, "-o", "-", "-m", model, *KV, *flags)
+        assert res.code == 0, res.stderr
+        return {r["id"]: r["token_ids"] for r in res.records}
+
+    by_model = token_ids()
+    assert len(by_model["a"]) == 4 and len(by_model["b"]) == 2  # a line's own max_tokens wins
+    assert by_model["b"] == by_model["a"][:2]  # both greedy
+    assert len(token_ids("--max-tokens", "3")["a"]) == 3  # a flag beats the model's
+    # Without it: the built-in default max_tokens.
+    assert len(token_ids("--generation-config", "none", "--temperature", "0")["a"]) == 256

@@ -57,9 +57,9 @@ def test_a_split_that_does_not_divide_the_heads_is_refused(model_dir: Path) -> N
 @pytest.mark.parametrize(
     ("device", "tp", "ranks_here", "message"),
     [
-        ("cuda", 2, 2, "--tp 2 runs 2 ranks, one per GPU, but 1 GPU(s) are visible"),
+        ("cuda", 2, 2, "--tp 2 runs 2 ranks, one per GPU, but CUDA sees 1 GPU"),
         # --tp 4 over --nnodes 2: each node must show 2 GPUs
-        ("cuda", 4, 2, "--tp 4 runs 2 ranks on this node, one per GPU, but 1 GPU(s) are visible"),
+        ("cuda", 4, 2, "--tp 4 runs 2 ranks on this node, one per GPU, but CUDA sees 1 GPU"),
         ("cuda:0", 2, 2, "--device cuda:0 names one GPU, but --tp 2 runs each rank on a GPU of its own"),
     ],
 )

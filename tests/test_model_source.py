@@ -25,6 +25,30 @@ def test_embedded_default_converts_once_into_the_cache(smollm2_dir: Path) -> Non
     assert (smollm2_dir / "config.json").stat().st_mtime_ns == stamp  # not converted a second time
 
 
+def test_a_cache_converted_by_an_older_version_gets_the_generation_config_in_place(smollm2_dir: Path) -> None:
+    generation = smollm2_dir / "generation_config.json"
+    card = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}  # the model card's (convert/gguf_config.py)
+    assert json.loads(generation.read_text()).items() >= card.items()
+    stamp = smollm2_dir / model_source.CACHE_STAMP
+    assert json.loads(stamp.read_text()) == {"version": model_source.CACHE_VERSION}
+    # What the cache held before versions: no stamp, and a generation_config.json of eos ids only.
+    stamp.unlink()
+    generation.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}))
+    assert model_source.unconverted_gguf(None) == (model_source.embedded_gguf(), smollm2_dir)
+    weights = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
+    again = resolve_model(None, progress=lambda *_: pytest.fail("converted again instead of upgraded"))
+    assert again.path == smollm2_dir
+    assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == weights
+    assert json.loads(generation.read_text()) == {
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        **card,
+    }
+    assert json.loads(stamp.read_text()) == {"version": model_source.CACHE_VERSION}
+    assert model_source.unconverted_gguf(None) is None
+
+
 def test_missing_default_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -56,9 +80,91 @@ def test_non_gguf_file_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_unknown_name_is_a_usage_error_with_a_hint_for_shapes() -> None:
     with pytest.raises(UsageError, match="not a directory, a .gguf file"):
-        resolve_model("no-such-model-anywhere")
+        resolve_model("no such model")  # a space: neither a path we could find nor a repo id
     with pytest.raises(UsageError, match="--dummy-weights"):
         resolve_model("qwen3-0.6b")
+
+
+@pytest.mark.parametrize("spec", ["./absent", "/no/such/dir", "~/absent-model", "weights/a/b", "absent.gguf"])
+def test_a_path_that_does_not_exist_says_so(spec: str) -> None:
+    with pytest.raises(UsageError) as err:
+        resolve_model(spec)
+    assert (
+        str(err.value) == f"model path {spec} does not exist (expected an HF-style directory or a .gguf file)"
+    )
+
+
+@pytest.fixture
+def empty_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """A Hugging Face cache with nothing in it, and the hub online unless a test says otherwise."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    return monkeypatch
+
+
+def _hub_answers(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """The hub's answer to a download (a lookup in the local cache still misses for real)."""
+    import huggingface_hub
+
+    real = huggingface_hub.snapshot_download
+
+    def download(repo_id: str, **kwargs: object) -> str:
+        if kwargs.get("local_files_only"):
+            return real(repo_id, **kwargs)
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+
+
+def _bare(cls: type[Exception]) -> Exception:
+    # The hub's HTTP errors want an HTTP response to be built; the message is all that matters here.
+    error = cls.__new__(cls)
+    Exception.__init__(error, "answered by the test")
+    return error
+
+
+@pytest.mark.parametrize("spec", ["gpt2", "acme/absent"])
+def test_a_repo_id_not_cached_while_offline_says_how_to_get_it(
+    empty_hub: pytest.MonkeyPatch, spec: str
+) -> None:
+    empty_hub.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError) as err:
+        resolve_model(spec)
+    assert str(err.value) == (
+        f"model '{spec}' looks like a Hugging Face repo id but is not in the local Hugging Face cache "
+        "(nor a local path), and HF_HUB_OFFLINE is set so it cannot be downloaded: download it first with "
+        f"`hf download {spec}`, or pass a local directory or .gguf file"
+    )
+
+
+def test_a_repo_id_not_cached_without_network(empty_hub: pytest.MonkeyPatch) -> None:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    _hub_answers(empty_hub, LocalEntryNotFoundError("ConnectError: [Errno -2] Name or service not known"))
+    with pytest.raises(UsageError) as err:
+        resolve_model("gpt2")
+    message = str(err.value)
+    assert "not in the local Hugging Face cache" in message and "the hub cannot be reached" in message
+    assert "`hf download gpt2`" in message
+
+
+def test_a_repo_id_the_hub_does_not_have(empty_hub: pytest.MonkeyPatch) -> None:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    _hub_answers(empty_hub, _bare(RepositoryNotFoundError))
+    with pytest.raises(UsageError, match="the hub has no such repo .*: check the name"):
+        resolve_model("acme/absent")
+    _hub_answers(empty_hub, _bare(GatedRepoError))
+    with pytest.raises(UsageError, match="it is gated: accept its terms"):
+        resolve_model("acme/gated")
+
+
+def test_other_hub_failures_are_runtime_failures_not_usage_errors(empty_hub: pytest.MonkeyPatch) -> None:
+    _hub_answers(empty_hub, OSError("No space left on device"))
+    with pytest.raises(MinisglError) as err:
+        resolve_model("acme/big")
+    assert not isinstance(err.value, UsageError) and err.value.exit_code == 1
+    assert "downloading model 'acme/big' from the Hugging Face hub failed (OSError" in str(err.value)
 
 
 def test_builtin_shape_with_dummy_weights_needs_no_files() -> None:

@@ -9,7 +9,6 @@ import typer
 
 from minisgl_cli.cli import ui
 from minisgl_cli.convert.dtypes import DTYPE_CHOICES
-from minisgl_cli.errors import UsageError
 
 
 def convert(
@@ -26,7 +25,7 @@ def convert(
         typer.Option(
             "--output",
             "-o",
-            help="Directory to write the HF model into (omitted with no SRC: the model cache).",
+            help="Directory to write the HF model into (omitted: a directory in the model cache, printed).",
             show_default=False,
         ),
     ] = None,
@@ -39,7 +38,8 @@ def convert(
         ),
     ] = "auto",
     force: Annotated[
-        bool, typer.Option("--force", help="Replace OUTPUT if it exists and is not empty.")
+        bool,
+        typer.Option("--force", help="Replace OUTPUT if it exists and is not empty (no -o: convert again)."),
     ] = False,
 ) -> None:
     """Convert a GGUF file into a Hugging Face safetensors directory, or change an HF directory's dtype.
@@ -48,27 +48,40 @@ def convert(
 
     It is written beside OUTPUT and renamed into place only when complete, so a failed run leaves nothing half-written.
 
-    With no SRC and no OUTPUT, the embedded default model is converted once into the model cache
-    (~/.cache/minisgl, or $MINISGL_CACHE) and its path printed.
+    With no OUTPUT, the model goes into the model cache (~/.cache/minisgl, or $MINISGL_CACHE), once: the
+    embedded default as models/smollm2-135m-instruct, a SRC as models/NAME-KEY (KEY: a hash of its path, sizes
+    and times; where `-m SRC` looks), a --dtype other than auto added to the name; "NAME: PATH" is printed.
 
     Example: minisgl convert SmolLM2-135M-Instruct.Q4_1.gguf -o ./smollm2-hf
     """
-    from minisgl_cli.convert import convert as convert_model  # torch, gguf, transformers: only when run
-    from minisgl_cli.model_source import embedded_gguf, resolve_model
+    # Light imports only until SRC and OUTPUT are checked: torch, gguf and transformers take seconds, and a
+    # mistyped path should be refused at once.
+    from minisgl_cli.convert.atomic_dir import check_output
+    from minisgl_cli.convert.dispatch import source_kind
+    from minisgl_cli.model_source import DEFAULT_MODEL, cache_path, convert_into_cache, embedded_gguf
 
-    if src is None and output is None:
-        source = resolve_model(None)
-        ui.console.print(f"{source.name}: {source.path}", highlight=False, soft_wrap=True)
-        return
-    if output is None:
-        raise UsageError("convert needs -o/--output OUT when SRC is given")
-    src = embedded_gguf() if src is None else src
+    dtype = dtype.lower()
+    if src is not None:
+        source_kind(src)
+    source = embedded_gguf() if src is None else src
+    if output is not None:
+        check_output(output, force, source)
 
     with ui.progress(transient=True) as bar:
-        task = bar.add_task(f"convert {src.name}", total=None)
+        task = bar.add_task(f"convert {source.name}", total=None)
 
         def report(done: int, total: int, _tensor: str) -> None:
             bar.update(task, completed=done, total=total)
 
-        out = convert_model(src, output, dtype.lower(), force, report)
-    ui.console.print(f"wrote {out}", highlight=False, soft_wrap=True)
+        if output is None:
+            out = cache_path(src, dtype)
+            convert_into_cache(source, out, dtype, again=force, progress=report)
+        else:
+            from minisgl_cli.convert import convert as convert_model  # the heavy part: only past the checks
+
+            out = convert_model(source, output, dtype, force, report)
+    if output is None:
+        name = DEFAULT_MODEL if src is None else src.name
+        ui.console.print(f"{name}: {out}", highlight=False, soft_wrap=True)
+    else:
+        ui.console.print(f"wrote {out}", highlight=False, soft_wrap=True)

@@ -25,7 +25,9 @@ from minisgl_cli.cli.options import with_config
 from minisgl_cli.config import LoadedConfig
 from minisgl_cli.engine.request import SamplingParams
 from minisgl_cli.errors import MinisglError, UsageError
+from minisgl_cli.generation_config import with_model_generation_config
 from minisgl_cli.jobs import BadLine, Job, output_record, parse_lines, record_id
+from minisgl_cli.wording import plural
 
 if TYPE_CHECKING:
     from minisgl_cli.engine.llm import LLM
@@ -59,7 +61,8 @@ def generate(
 
     A line is {"prompt": "text" or a list of token ids} or {"messages": a list of {"role", "content"}},
     with an optional "id" (default: the line number) and optional sampling fields (max_tokens, temperature,
-    top_p, top_k, min_p, seed, stop, ...) over the --temperature/--max-tokens/... defaults. OpenAI Batch lines ({"custom_id",
+    top_p, top_k, min_p, seed, stop, ...) over the --temperature/--max-tokens/... defaults (unset ones: the
+    model's generation_config.json, unless --generation-config none). OpenAI Batch lines ({"custom_id",
     "method", "url", "body"}) are accepted too and answered in OpenAI's Batch output format.
     Output lines: {"id", "text", "token_ids", "finish_reason", "usage"}, in completion order.
 
@@ -67,14 +70,19 @@ def generate(
     """
     if resume and output == STDIO:
         raise UsageError("--resume appends to an output file: give one with -o FILE")
-    defaults = SamplingParams(**dataclasses.asdict(cfg.config.sampling))
-    parsed = parse_lines(_read_lines(input_file), defaults)
+    # Read first: a missing or empty input is refused before the model is resolved (a first run converts it).
+    lines = _read_lines(input_file)
+    if not any(line.strip() for line in lines):
+        # Most likely the wrong file, or a producer that wrote nothing: exiting 0 would hide it.
+        where = "stdin" if input_file == STDIO else input_file
+        raise UsageError(f"no requests in {where} (it is empty or has only blank lines)")
+    parsed = parse_lines(lines, _defaults(cfg))
     _refuse_or_report(parsed.bad, strict)
     done = _finished_ids(Path(output)) if resume else set()
     jobs = [job for job in parsed.jobs if job.id not in done]
     if done:
         ui.err_console.print(
-            f"resume: {len(parsed.jobs) - len(jobs)} requests already in {output}",
+            f"resume: {plural(len(parsed.jobs) - len(jobs), 'request')} already in {output}",
             highlight=False,
             soft_wrap=True,
         )
@@ -86,6 +94,11 @@ def generate(
         if jobs:
             from minisgl_cli.engine.llm import LLM
 
+            # Only now is the model needed (a resume with nothing left, or bad input, never resolves it):
+            # its generation_config.json gives the defaults the lines build on, so they are parsed again.
+            model_cfg = with_model_generation_config(cfg)
+            if model_cfg.config.sampling != cfg.config.sampling:
+                jobs = [job for job in parse_lines(lines, _defaults(model_cfg)).jobs if job.id not in done]
             llm = LLM.from_config(cfg.config.engine)
             prompts, jobs, model_bad = _encode(llm, jobs)
             _refuse_or_report(model_bad, strict)
@@ -96,7 +109,13 @@ def generate(
                 _run(llm, prompts, jobs, sink)
     bad = len(parsed.bad) + len(model_bad)
     if bad:
-        raise MinisglError(f"{bad} malformed input line(s) skipped (listed above); the other lines were done")
+        raise MinisglError(
+            f"{plural(bad, 'malformed input line')} skipped (listed above); the other lines were done"
+        )
+
+
+def _defaults(cfg: LoadedConfig) -> SamplingParams:
+    return SamplingParams(**dataclasses.asdict(cfg.config.sampling))
 
 
 def _run(llm: LLM, prompts: list[list[int]], jobs: list[Job], sink: IO[str]) -> None:
@@ -115,7 +134,8 @@ def _run(llm: LLM, prompts: list[list[int]], jobs: list[Job], sink: IO[str]) -> 
             bar.update(task, advance=1, description=f"generate [dim]{rate:,.0f} tok/s[/dim]")
     elapsed = time.perf_counter() - start
     ui.err_console.print(
-        f"{len(jobs)} requests, {prompt_tokens} prompt + {completion_tokens} completion tokens "
+        f"{plural(len(jobs), 'request')}, {prompt_tokens} prompt + "
+        f"{plural(completion_tokens, 'completion token')} "
         f"in {elapsed:.2f} s ({completion_tokens / max(elapsed, 1e-9):,.1f} tok/s)",
         highlight=False,
         soft_wrap=True,
@@ -145,12 +165,15 @@ def _read_lines(spec: str) -> list[bytes]:
         stream = sys.stdin
         data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode()
     else:
+        # Every way the file cannot be read (missing, a directory, no permission) is the user's to fix: exit 2.
         try:
             data = Path(spec).read_bytes()
         except FileNotFoundError:
             raise UsageError(f"input file {spec} does not exist") from None
+        except IsADirectoryError:
+            raise UsageError(f"input file {spec} is a directory (expected a JSONL file)") from None
         except OSError as exc:
-            raise MinisglError(f"cannot read input file {spec}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot read input file {spec}: {exc.strerror or exc}") from None
     return [line.removesuffix(b"\r") for line in data.split(b"\n")]
 
 
@@ -186,8 +209,8 @@ def _open_output(spec: str) -> Iterator[IO[str]]:
         return
     try:
         f = open(spec, "a", encoding="utf-8", newline="\n")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise MinisglError(f"cannot write output file {spec}: {exc.strerror or exc}") from None
+    except OSError as exc:  # no such directory, a directory, no permission: the user's path to fix
+        raise UsageError(f"cannot write output file {spec}: {exc.strerror or exc}") from None
     with f:
         yield f
 

@@ -9,15 +9,24 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from minisgl_cli.convert.dispatch import convert
-    from minisgl_cli.convert.gguf_convert import convert_gguf
+    from minisgl_cli.convert.gguf_convert import convert_gguf, read_generation_config, write_generation_config
     from minisgl_cli.convert.hf_dtype import convert_hf_dir
     from minisgl_cli.convert.safetensors_out import ProgressFn
 
-__all__ = ["ProgressFn", "convert", "convert_gguf", "convert_hf_dir"]
+__all__ = [
+    "ProgressFn",
+    "convert",
+    "convert_gguf",
+    "convert_hf_dir",
+    "read_generation_config",
+    "write_generation_config",
+]
 
 _HOMES = {
     "convert": "dispatch",
     "convert_gguf": "gguf_convert",
+    "read_generation_config": "gguf_convert",
+    "write_generation_config": "gguf_convert",
     "convert_hf_dir": "hf_dtype",
     "ProgressFn": "safetensors_out",
 }

@@ -16,6 +16,27 @@ from minisgl_cli.errors import MinisglError, UsageError
 
 _HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
+# llama.cpp's general.sampling.<key> metadata (the sampling the model's author recommends, which its
+# convert_hf_to_gguf.py copies from the HF generation config) -> generation_config.json keys.
+_GGUF_SAMPLING = {
+    "temp": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "penalty_repeat": "repetition_penalty",
+}
+# Sampling a model card recommends, for GGUF files of that model whose metadata says none, keyed by the start
+# of the file name: GGUF files are named after the model (the embedded SmolLM2-135M-Instruct.Q4_1.gguf,
+# SmolLM2-135M-Instruct-Q8_0.gguf, ...), where their general.name is less telling (the embedded file's is
+# "Smollm2 135M 8k Lc100K Mix1 Ep2").
+_MODEL_CARDS: dict[str, dict[str, Any]] = {
+    # https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct: its transformers example generates with
+    # model.generate(inputs, max_new_tokens=50, temperature=0.2, top_p=0.9, do_sample=True). The 50 tokens
+    # are that example's length, not advice, so they are not taken. At the built-in temperature 1.0 and
+    # top_p 1.0 this 135M model answers gibberish.
+    "smollm2-135m-instruct": {"temperature": 0.2, "top_p": 0.9},
+}
+
 
 @dataclass(frozen=True)
 class GGUFModelInfo:
@@ -38,6 +59,7 @@ class GGUFModelInfo:
     bos_token_id: int | None
     eos_token_ids: list[int]
     pad_token_id: int | None
+    sampling: dict[str, Any]  # recommended sampling, as generation_config.json keys; {} if none is known
 
 
 def read_model_info(gguf: GGUFFile) -> GGUFModelInfo:
@@ -75,7 +97,19 @@ def read_model_info(gguf: GGUFFile) -> GGUFModelInfo:
         bos_token_id=gguf.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=list(dict.fromkeys(int(e) for e in eos if e is not None)),
         pad_token_id=gguf.get("tokenizer.ggml.padding_token_id"),
+        sampling=_recommended_sampling(gguf),
     )
+
+
+def _recommended_sampling(gguf: GGUFFile) -> dict[str, Any]:
+    """The file's own general.sampling.* values, over its model card's (the file is the more specific)."""
+    name = gguf.path.name.lower()
+    sampling = next((dict(card) for prefix, card in _MODEL_CARDS.items() if name.startswith(prefix)), {})
+    for key, hf_key in _GGUF_SAMPLING.items():
+        value = gguf.get(f"general.sampling.{key}")
+        if value is not None:
+            sampling[hf_key] = int(value) if hf_key == "top_k" else _f32(value)
+    return sampling
 
 
 def _f32(value: float) -> float:
@@ -146,8 +180,10 @@ def hf_config(info: GGUFModelInfo, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def generation_config(info: GGUFModelInfo) -> dict[str, Any]:
-    """generation_config.json: which tokens end a generation (all of eos/eot/eom the file names)."""
-    return _special_ids(info)
+    """generation_config.json: which tokens end a generation (all of eos/eot/eom the file names), and the
+    recommended sampling when one is known (with do_sample, without which transformers decodes greedily)."""
+    sampling = {"do_sample": True, **info.sampling} if info.sampling else {}
+    return {**_special_ids(info), **sampling}
 
 
 def _special_ids(info: GGUFModelInfo) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,26 @@ def convert_gguf(
         write_tokenizer(gguf, tmp, info.max_position_embeddings)
         write_safetensors(tmp, specs, progress)
     return out
+
+
+def read_generation_config(src: Path) -> dict[str, Any]:
+    """The generation_config.json that converting the GGUF file `src` writes, from its metadata alone (no
+    tensor is dequantized, so this takes a moment, not the minutes of a conversion)."""
+    return generation_config(read_model_info(open_gguf(Path(src))))
+
+
+def write_generation_config(src: Path, out: Path) -> Path:
+    """Rewrite `out`/generation_config.json, and nothing else, as converting `src` into `out` would now; returns
+    its path. Brings a directory converted by an older version up to date without converting it again. The
+    file is swapped in whole (a rename), so a reader never sees half of it."""
+    path = Path(out) / "generation_config.json"
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        _write_json(tmp, read_generation_config(src))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _check_tensors(gguf: GGUFFile, info: GGUFModelInfo) -> None:

@@ -12,20 +12,11 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
-from minisgl_cli.errors import MinisglError, UsageError
-
-GGUF_MAGIC = b"GGUF"
+from minisgl_cli.convert.dispatch import is_gguf  # lives there: light enough for the CLI to check SRC early
+from minisgl_cli.errors import UsageError
 
 T = GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K})
-
-
-def is_gguf(path: Path) -> bool:
-    """Whether `path` is a file that starts with the GGUF magic bytes."""
-    if not path.is_file():
-        return False
-    with path.open("rb") as f:
-        return f.read(4) == GGUF_MAGIC
 
 
 @dataclass(frozen=True)
@@ -48,7 +39,7 @@ class GGUFFile:
     def require(self, key: str) -> Any:
         value = self.get(key)
         if value is None:
-            raise MinisglError(f"{self.path} lacks the metadata key '{key}'")
+            raise UsageError(f"{self.path} lacks the metadata key '{key}'")
         return value
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -59,7 +50,7 @@ class GGUFFile:
         tensor_type = self.tensors[name].tensor_type
         if tensor_type not in SUPPORTED_TYPES:
             supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
-            raise MinisglError(
+            raise UsageError(  # a file convert does not support, like an unsupported architecture: exit 2
                 f"tensor '{name}' in {self.path} has type {tensor_type.name}, "
                 f"which convert cannot dequantize (supported: {supported})"
             )
@@ -86,9 +77,9 @@ def open_gguf(path: Path) -> GGUFFile:
     # The reader indexes straight into the memory-mapped bytes, so a cut-off or corrupt file surfaces as
     # whichever of these the first short read trips.
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, struct.error) as exc:
-        raise MinisglError(f"{path} is truncated or not a valid GGUF file ({exc})") from exc
+        raise UsageError(f"{path} is truncated or not a valid GGUF file ({exc})") from exc
     size = path.stat().st_size
     for tensor in reader.tensors:
         if tensor.data_offset + tensor.n_bytes > size:
-            raise MinisglError(f"{path} is truncated: tensor '{tensor.name}' runs past the end of the file")
+            raise UsageError(f"{path} is truncated: tensor '{tensor.name}' runs past the end of the file")
     return GGUFFile(path=path, reader=reader, tensors={t.name: t for t in reader.tensors})

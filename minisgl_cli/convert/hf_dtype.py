@@ -11,9 +11,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minisgl_cli.convert.atomic_dir import atomic_output_dir, check_output
+from minisgl_cli.convert.dispatch import is_hf_dir
 from minisgl_cli.convert.dtypes import dtype_name, parse_dtype
 from minisgl_cli.convert.safetensors_out import INDEX_FILE, ProgressFn, TensorSpec, write_safetensors
-from minisgl_cli.errors import MinisglError, UsageError
+from minisgl_cli.errors import UsageError
 
 # Weights in any format are rewritten (safetensors) or dropped (the rest), never copied alongside.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".index.json")
@@ -23,10 +24,6 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }  # fmt: skip
-
-
-def is_hf_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
 def convert_hf_dir(
@@ -47,7 +44,7 @@ def convert_hf_dir(
     try:
         config = json.loads((src / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise MinisglError(f"cannot read {src / 'config.json'}: {exc}") from exc
+        raise UsageError(f"cannot read {src / 'config.json'}: {exc}") from exc
     specs = _tensor_specs(src, target)
     if target is not None:
         config["torch_dtype"] = config["dtype"] = dtype_name(target)
@@ -67,7 +64,7 @@ def _weight_files(src: Path) -> list[Path]:
     try:
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
     except (OSError, json.JSONDecodeError, KeyError) as exc:
-        raise MinisglError(f"cannot read {index}: {exc}") from exc
+        raise UsageError(f"cannot read {index}: {exc}") from exc
     return [src / name for name in dict.fromkeys(weight_map.values())]
 
 
@@ -79,18 +76,18 @@ def _tensor_specs(src: Path, target: torch.dtype | None) -> list[TensorSpec]:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     if name in seen:
-                        raise MinisglError(f"tensor '{name}' appears twice in {src} (again in {path.name})")
+                        raise UsageError(f"tensor '{name}' appears twice in {src} (again in {path.name})")
                     seen.add(name)
                     view = f.get_slice(name)
                     source_dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
                     if source_dtype is None:
-                        raise MinisglError(
+                        raise UsageError(
                             f"tensor '{name}' in {path} has unsupported dtype {view.get_dtype()}"
                         )
                     dtype = target if target is not None and source_dtype.is_floating_point else source_dtype
                     specs.append(TensorSpec(name, tuple(view.get_shape()), dtype, _loader(path, name, dtype)))
         except (OSError, SafetensorError) as exc:
-            raise MinisglError(f"cannot read {path}: {exc}") from exc
+            raise UsageError(f"cannot read {path}: {exc}") from exc
     return specs
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,14 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the umask. The umask can only be read by setting it; the
+    most restrictive value is set meanwhile, so a file another thread creates then is never too open."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -78,6 +87,9 @@ def write_safetensors(
             if progress is not None:
                 progress(done, total, spec.name)
         save_file(tensors, str(out_dir / file_name), metadata={"format": "pt"})
+        # safetensors writes through a private temporary file (mode 0600); give the shard the mode every other
+        # file of the model gets, so a model converted for a shared cache is readable like its config.
+        (out_dir / file_name).chmod(_new_file_mode())
     if len(shards) == 1:
         return names
     index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}

@@ -21,11 +21,15 @@ def resolve_device(spec: str) -> torch.device:
         device = torch.device(spec)
     except RuntimeError:
         raise UsageError(f"invalid device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    # A device this machine lacks is the user's request to change (exit 2), like a path that does not exist.
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise MinisglError(f"device {spec!r} was asked for but this torch build sees no CUDA GPU")
+            raise UsageError(
+                f"device {spec!r} was asked for but this torch build sees no CUDA GPU: "
+                "use --device cpu (or auto)"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise MinisglError(f"device {spec!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+            raise UsageError(f"device {spec!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
     elif device.type != "cpu":
         raise UsageError(f"invalid device {spec!r}: expected auto, cpu, cuda or cuda:N")
     return device

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from minisgl_cli.config import EngineConfig
+from minisgl_cli.config import EngineConfig, SamplingConfig
 from minisgl_cli.engine.outputs import OutputBuilder, RequestOutput
 from minisgl_cli.engine.request import FinishReason, SamplingParams, check_for_model
 from minisgl_cli.engine.tokenize import Prompt, encode_prompt, split_prompts
 from minisgl_cli.errors import MinisglError, UsageError
+from minisgl_cli.generation_config import model_generation_defaults
+from minisgl_cli.wording import plural
 
 if TYPE_CHECKING:
     from minisgl_cli.engine.builder import Engine
@@ -44,7 +46,9 @@ class LLM:
 
     `LLM()` runs the embedded SmolLM2; `LLM("path/or/id", page_size=16, ...)` takes any EngineConfig field
     as a keyword. Outputs come back in input order (`generate`), in completion order (`iter_outputs`), or
-    as text deltas (`stream`). One call runs at a time.
+    as text deltas (`stream`). One call runs at a time. A call given no SamplingParams samples with
+    `default_sampling`: the model's generation_config.json over the built-in defaults (with
+    `generation_config="none"`, the built-in ones only).
 
     With `tp=N` this process is tensor-parallel rank 0 and ranks 1..N-1 run in child processes (one GPU
     each) until `close()` (or `with LLM(...) as llm:`); one such LLM per process.
@@ -65,11 +69,19 @@ class LLM:
 
     def _start(self, cfg: EngineConfig) -> None:
         from minisgl_cli.engine.builder import build_engine, load_tokenizer
+        from minisgl_cli.model_source import resolve_model
 
         self.config = cfg
         self._busy = False
         self._stop_ranks: weakref.finalize | None = None
-        engine = build_engine(cfg) if cfg.tp == 1 else self._start_ranks(cfg)
+        source = resolve_model(cfg.model, cfg.dummy_weights)
+        # What a call that passes no SamplingParams samples with: the model's generation_config.json over the
+        # built-in defaults (cfg.generation_config picks the file; vLLM's LLM does the same by default). Read
+        # before the weights load, so a bad file costs no wait.
+        found = model_generation_defaults(cfg.generation_config, source.path)
+        sampling = SamplingConfig(**(found.values if found is not None else {}))
+        self.default_sampling = SamplingParams(**dataclasses.asdict(sampling))
+        engine = build_engine(cfg, source) if cfg.tp == 1 else self._start_ranks(cfg)
         self.model_name = engine.source.name
         self.model_type: str | None = engine.source.hf_config.get("model_type")
         self.tokenizer = load_tokenizer(engine.source)
@@ -128,9 +140,14 @@ class LLM:
         """Run every prompt to completion; outputs in input order."""
         return sorted(self.iter_outputs(prompts, sampling), key=lambda out: out.index)
 
-    def iter_outputs(self, prompts: Prompts, sampling: Sampling = None) -> Iterator[RequestOutput]:
-        """Each request's output as soon as it finishes (completion order; `index` says which prompt)."""
-        for builder, _delta in self._run(prompts, sampling, deltas=False):
+    def iter_outputs(
+        self, prompts: Prompts, sampling: Sampling = None, on_tokens: Callable[[int], None] | None = None
+    ) -> Iterator[RequestOutput]:
+        """Each request's output as soon as it finishes (completion order; `index` says which prompt).
+
+        `on_tokens(n)`, if given, is told after every engine step how many requests got a token in it: the
+        progress of requests that may all finish in the same step (a benchmark's bar); it must be cheap."""
+        for builder, _delta in self._run(prompts, sampling, deltas=False, on_tokens=on_tokens):
             yield builder.output()
 
     def stream(self, prompts: Prompts, sampling: Sampling = None) -> Iterator[tuple[int, str]]:
@@ -149,7 +166,12 @@ class LLM:
     # ---- the loop
 
     def _run(
-        self, prompts: Prompts, sampling: Sampling, *, deltas: bool = True
+        self,
+        prompts: Prompts,
+        sampling: Sampling,
+        *,
+        deltas: bool = True,
+        on_tokens: Callable[[int], None] | None = None,
     ) -> Iterator[tuple[OutputBuilder, str]]:
         """Step the scheduler until this call's requests finish; (builder, text delta) per new token, or with
         `deltas=False` once per request, when it finishes (its delta is then its whole text).
@@ -172,7 +194,10 @@ class LLM:
             while live:
                 if not self.scheduler.has_work:  # a bug, not bad input
                     raise RuntimeError("the scheduler dropped requests it had not finished")
-                for req in self.scheduler.step():
+                stepped = self.scheduler.step()
+                if on_tokens is not None:
+                    on_tokens(len(stepped))
+                for req in stepped:
                     builder = live[req.rid]
                     if not (deltas or req.finished or builder.has_stop_strings):
                         continue  # its text is decoded when it finishes
@@ -203,7 +228,7 @@ class LLM:
     def _submit(self, prompts: Prompts, sampling: Sampling) -> list[OutputBuilder]:
         """Tokenize and queue every prompt, or none of them: bad input raises before any work."""
         items = split_prompts(prompts)
-        params = _sampling_list(sampling, len(items))
+        params = _sampling_list(sampling, len(items), self.default_sampling)
         for sp in params:
             self.check_sampling(sp)
         ids = [self.encode(p) for p in items]
@@ -223,14 +248,15 @@ def _stop_ranks(followers: Followers, leader: RankLeader | None, tp: TPGroup) ->
     tp.destroy()
 
 
-def _sampling_list(sampling: Sampling, n: int) -> list[SamplingParams]:
+def _sampling_list(sampling: Sampling, n: int, default: SamplingParams) -> list[SamplingParams]:
     if sampling is None:
-        return [SamplingParams() for _ in range(n)]
+        return [dataclasses.replace(default) for _ in range(n)]
     if isinstance(sampling, SamplingParams):
         return [sampling] * n
     params = list(sampling)
     if len(params) != n:
         raise UsageError(
-            f"got {len(params)} sampling parameter sets for {n} prompts: give one, or one per prompt"
+            f"got {plural(len(params), 'sampling parameter set')} for {plural(n, 'prompt')}: give one, or "
+            "one per prompt"
         )
     return params

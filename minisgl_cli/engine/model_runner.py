@@ -20,6 +20,7 @@ from minisgl_cli.engine.models.config import ModelConfig
 from minisgl_cli.engine.models.registry import build_model, count_parameters
 from minisgl_cli.engine.models.weights import init_dummy_weights, load_weights
 from minisgl_cli.errors import MinisglError
+from minisgl_cli.wording import plural
 
 _GIB = 1 << 30
 
@@ -162,7 +163,7 @@ class ModelRunner:
         # the extra page is the reserved padding page.
         if num_pages < max_running_requests + 1:
             raise MinisglError(
-                f"the KV cache holds {num_tokens} tokens ({max(num_pages - 1, 0)} usable pages of "
+                f"the KV cache holds {num_tokens} tokens ({plural(max(num_pages - 1, 0), 'usable page')} of "
                 f"{self.page_size}), fewer than one page for each of the {max_running_requests} running "
                 "requests: give it more memory (--kv-cache-tokens / --kv-cache-gb / --mem-fraction) "
                 "or lower --max-running-requests"

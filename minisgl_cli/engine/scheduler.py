@@ -53,6 +53,7 @@ from minisgl_cli.engine.request import Batch, FinishReason, Req, SamplingParams
 from minisgl_cli.engine.sampling import PendingResults, SampleOutput, SamplingBatch, sample
 from minisgl_cli.engine.step_inputs import prepare_step
 from minisgl_cli.errors import InvalidParameter, UsageError
+from minisgl_cli.wording import plural
 
 if TYPE_CHECKING:
     from minisgl_cli.engine.model_runner import ModelRunner
@@ -165,7 +166,7 @@ class Scheduler:
                 else f"the KV cache holds {self.max_seq_len} tokens"
             )
             raise UsageError(
-                f"the prompt has {len(prompt_ids)} tokens and {limit}: "
+                f"the prompt has {plural(len(prompt_ids), 'token')} and {limit}: "
                 "it must be shorter to leave room for at least one new token"
             )
 

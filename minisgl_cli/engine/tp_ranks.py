@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from minisgl_cli.config import EngineConfig
 from minisgl_cli.errors import MinisglError, UsageError
+from minisgl_cli.wording import plural
 
 if TYPE_CHECKING:
     from minisgl_cli.engine.distributed import TPGroup
@@ -74,7 +75,8 @@ def check_tp(cfg: EngineConfig, source: ModelSource, ranks_here: int) -> None:
         if ranks_here > count:
             where = "" if ranks_here == cfg.tp else " on this node"
             raise UsageError(
-                f"--tp {cfg.tp} runs {ranks_here} ranks{where}, one per GPU, but {count} GPU(s) are visible"
+                f"--tp {cfg.tp} runs {plural(ranks_here, 'rank')}{where}, one per GPU, but CUDA sees "
+                f"{plural(count, 'GPU')}"
             )
     ModelConfig.from_hf(source.hf_config).for_rank(TPGroup(rank=0, size=cfg.tp))
 

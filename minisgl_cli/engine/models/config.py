@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from minisgl_cli.errors import MinisglError
+from minisgl_cli.errors import MinisglError, UsageError
 
 if TYPE_CHECKING:  # torch.distributed is a heavy import, and only the annotation needs it
     from minisgl_cli.engine.distributed import TPGroup
@@ -133,7 +133,8 @@ def _architecture(d: dict[str, Any]) -> str:
     arch = archs[0] if archs else _ARCH_BY_MODEL_TYPE.get(str(d.get("model_type")), "")
     if arch not in _ARCH_BY_MODEL_TYPE.values():
         supported = ", ".join(sorted(_ARCH_BY_MODEL_TYPE.values()))
-        raise MinisglError(
+        # The user's choice of model, not a failure while running it: exit 2 (see errors.py).
+        raise UsageError(
             f"unsupported model architecture {arch or d.get('model_type')!r} (supported: {supported})"
         )
     if d.get("hidden_act", "silu") != "silu":

@@ -14,6 +14,7 @@ from torch import nn
 from minisgl_cli.engine.distributed import Shard, WeightSlice
 from minisgl_cli.engine.models.llama import LlamaForCausalLM
 from minisgl_cli.errors import MinisglError
+from minisgl_cli.wording import plural
 
 # Checkpoint tensors that are derived data, not weights (we recompute them).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -104,7 +105,7 @@ def load_weights(model: LlamaForCausalLM, weights_dir: Path) -> None:
     missing = [n for n, pieces in slices.items() if loaded[n] != sum(p.dest.numel() for p in pieces)]
     if missing:
         raise MinisglError(
-            f"the checkpoint at {weights_dir} lacks {len(missing)} weights, e.g. {missing[0]!r}"
+            f"the checkpoint at {weights_dir} lacks {plural(len(missing), 'weight')}, e.g. {missing[0]!r}"
         )
 
 
