@@ -108,7 +108,8 @@ def test_offline_engine_counts_equal_the_workload(tiny_llm: LLM) -> None:
     res = run_offline(tiny_llm, w, done.append)
     assert res.system == "minisgl"
     assert (res.num_requests, res.input_tokens, res.output_tokens) == (7, w.input_tokens, w.output_tokens)
-    assert done == [1] * 7
+    # Progress in output tokens, as each engine step makes them (tests/test_bench_progress.py has more).
+    assert sum(done) == w.output_tokens and len(done) > 7
     assert res.elapsed_s > 0
     assert (
         len(res.finish_s) == 7 and res.finish_s == sorted(res.finish_s) and res.finish_s[-1] <= res.elapsed_s
@@ -130,7 +131,8 @@ def test_offline_hf_counts_only_each_requests_own_tokens(hf_model: Any) -> None:
     res = run_hf_offline(hf_model, w, 4, done.append)
     assert res.system == "hf"
     assert (res.num_requests, res.input_tokens, res.output_tokens) == (6, w.input_tokens, w.output_tokens)
-    assert done == [4, 2]  # static batches of 4, in workload order
+    # Progress in each request's own output tokens, step by step within the static batches of 4.
+    assert sum(done) == w.output_tokens and len(done) > 2
     assert res.elapsed_s > 0
     # A static batch's requests all finish when it does.
     assert res.finish_s[:4] == [res.finish_s[0]] * 4 and res.finish_s[4:] == [res.finish_s[4]] * 2

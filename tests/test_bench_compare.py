@@ -12,18 +12,21 @@ import pytest
 from test_bench import run_bench
 
 from minisgl_cli.bench.compare import (
+    DEFAULT_NOISE,
     KINDS,
     Row,
     compare_reports,
     comparison_notes,
     comparison_table,
     load_report,
+    noise_line,
 )
 from minisgl_cli.bench.latency import LatencyResult
 from minisgl_cli.bench.offline import ThroughputResult
 from minisgl_cli.bench.prefix import RESULT_KEYS as PREFIX_KEYS
 from minisgl_cli.bench.report import LATENCY_KEYS, SERVING_KEYS, THROUGHPUT_KEYS, build_report
-from minisgl_cli.errors import MinisglError, UsageError
+from minisgl_cli.cli import bench
+from minisgl_cli.errors import UsageError
 
 
 def _write(path: Path, report: dict[str, Any]) -> Path:
@@ -196,11 +199,11 @@ def test_malformed_reports_are_refused(tmp_path: Path, content: str, fragment: s
     assert fragment in str(info.value)
 
 
-def test_unreadable_files_are_failures_not_usage_errors(tmp_path: Path) -> None:
-    for path in (tmp_path / "missing.json", tmp_path):
-        with pytest.raises(MinisglError) as info:
+def test_missing_and_unreadable_files_are_usage_errors(tmp_path: Path) -> None:
+    for path in (tmp_path / "missing.json", tmp_path):  # a directory cannot be read as a report
+        with pytest.raises(UsageError) as info:
             load_report(path)
-        assert not isinstance(info.value, UsageError) and str(path) in str(info.value)
+        assert info.value.exit_code == 2 and str(path) in str(info.value)
 
 
 # ---- the command
@@ -226,7 +229,7 @@ def test_command_prints_the_table(tmp_path: Path) -> None:
         (json.dumps(_report("offline", [], schema_version=7)), 2, "schema_version 7"),
         ('{"hello": 1}', 2, "is not a minisgl bench report"),
         ("", 2, "not JSON"),
-        (None, 1, "does not exist"),
+        (None, 2, "does not exist"),
     ],
 )
 def test_command_refusals_exit_with_one_error_line(
@@ -240,3 +243,65 @@ def test_command_refusals_exit_with_one_error_line(
     assert res.code == code, res.stderr
     assert len(res.error_lines) == 1 and fragment in res.error_lines[0], res.stderr
     assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+# ---- noise
+
+
+def test_small_changes_are_within_noise_and_counts_get_no_allowance(tmp_path: Path) -> None:
+    """B / A = 0.982 (rates) and 1 / 0.982 (the time) are within the default 4%; 0.9 is worse; --noise in
+    the library as a fraction. A count (prefill_tokens) that moves by 1% is still better or worse."""
+    a = load_report(_offline(tmp_path, "a.json", minisgl_s=1.0, hf_s=1.0))
+    b = load_report(_offline(tmp_path, "b.json", minisgl_s=1 / 0.982, hf_s=1 / 0.9))
+    assert DEFAULT_NOISE == 0.04 and bench.DEFAULT_NOISE_PERCENT == DEFAULT_NOISE * 100
+    rows = {(r.result, r.metric): r for r in compare_reports(a, b).rows}
+    assert rows["minisgl", "output_tok_per_s"].ratio == pytest.approx(0.982)
+    assert {rows["minisgl", m].verdict for m in ("output_tok_per_s", "elapsed_s")} == {"within noise"}
+    assert {rows["hf", m].verdict for m in ("output_tok_per_s", "elapsed_s")} == {"worse"}
+    strict = {(r.result, r.metric): r for r in compare_reports(a, b, noise=0.01).rows}
+    assert strict["minisgl", "output_tok_per_s"].verdict == "worse"
+    loose = {(r.result, r.metric): r for r in compare_reports(a, b, noise=0.15).rows}
+    assert loose["hf", "output_tok_per_s"].verdict == loose["hf", "elapsed_s"].verdict == "within noise"
+    with pytest.raises(UsageError, match="--noise -1"):
+        compare_reports(a, b, noise=-0.01)
+
+    def prefix(name: str, prefilled: int) -> Path:
+        rows = [dict.fromkeys(PREFIX_KEYS, 1.0) | {"cache_type": "radix", "prefill_tokens": prefilled}]
+        return _write(tmp_path / name, _report("prefix", rows))
+
+    counts = compare_reports(load_report(prefix("pa.json", 100)), load_report(prefix("pb.json", 101)))
+    (computed,) = [r for r in counts.rows if r.metric == "prefill_tokens"]
+    assert (computed.noise, computed.verdict) == (0.0, "worse")
+    assert noise_line(counts).endswith("prefill_tokens, cached_tokens compared exactly")
+
+
+def test_noise_bounds_both_ratios() -> None:
+    # 4%: B / A from 1 / 1.04 to 1.04, so a time and its rate always agree.
+    assert Row("x", "m", 1.0, 1.04, True, 0.04).verdict == "within noise"
+    assert Row("x", "m", 1.04, 1.0, True, 0.04).verdict == "within noise"
+    assert Row("x", "m", 1.0, 0.96, True, 0.04).verdict == "worse"  # A / B = 1.0417
+    assert Row("x", "m", 1.0, 1.05, False, 0.04).verdict == "worse"
+    assert Row("x", "m", 0, 0.01, True, 0.04).verdict == "better"  # no ratio from a zero
+
+
+def test_command_says_within_noise_and_shows_the_threshold(tmp_path: Path) -> None:
+    a = _offline(tmp_path, "a.json", minisgl_s=1.0, hf_s=1.0)
+    b = _offline(tmp_path, "b.json", minisgl_s=1 / 0.982, hf_s=1 / 0.9)
+
+    def verdicts(*extra: str) -> tuple[dict[str, str], str]:
+        res = run_bench("compare", a, b, *extra)
+        assert res.code == 0, res.stderr
+        cells = [[c.strip() for c in line.split("│")[1:-1]] for line in res.stdout.splitlines()]
+        found = {row[0]: row[-1] for row in cells if len(row) == 7 and row[1] == "output_tok_per_s"}
+        return found, res.stdout
+
+    found, out = verdicts()
+    assert found == {"minisgl": "within noise", "hf": "worse"}
+    assert "within noise (--noise 4): B / A from 0.962x to 1.040x" in out
+    found, out = verdicts("--noise", "12")
+    assert found == {"minisgl": "within noise", "hf": "within noise"}
+    assert "within noise (--noise 12): B / A from 0.893x to 1.120x" in out
+    found, out = verdicts("--noise", "0")
+    assert found == {"minisgl": "worse", "hf": "worse"}
+    bad = run_bench("compare", a, b, "--noise", "-1")
+    assert bad.code == 2 and "--noise" in bad.error_lines[0] and "Value error" not in bad.stderr

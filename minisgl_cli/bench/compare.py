@@ -2,11 +2,19 @@
 
 Results are matched by what tells them apart within one kind of report: the system (offline), the system and
 batch size (latency), the cache type (prefix); a serving report has one result. Each metric knows which way
-is better, so every row says whether B did better or worse than A. Settings that differ between the two
-runs (model, workload, engine options, machine) are listed, since they may explain a difference.
+is better, so every row says whether B did better or worse than A, or, for a time or rate that moved by no
+more than the noise threshold, that the change is within noise. The threshold bounds the larger of B / A and
+A / B, so a time and the rate it gives (elapsed 1.05x, tok/s 0.952x) always get the same verdict. Settings
+that differ between the two runs (model, workload, engine options, machine) are listed, since they may
+explain a difference.
 
-Library code: a file that cannot be read is a MinisglError (exit 1); one that is not a minisgl report, of
-another schema version, or of another kind than its partner is a UsageError (exit 2).
+The default threshold, 4%, is the spread of one configuration run twice on a GPU (docs/benchmarks.md: 14,524
+and 15,099 tok/s); a smaller one would call a plain rerun better or worse. The 2-core CPU machine varies by
+about 12% between runs: pass --noise 12 there. Counts (prompt tokens computed, cached tokens, failures) are
+exact, not timed, and get no allowance.
+
+Library code: every bad input is a UsageError (exit 2): a file that does not exist or cannot be read, one
+that is not a minisgl report, of another schema version, or of another kind than its partner.
 """
 
 from __future__ import annotations
@@ -17,13 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from minisgl_cli.bench.report import SCHEMA_VERSION, SERVING_LATENCIES, SERVING_STATS, TableData
-from minisgl_cli.errors import MinisglError, UsageError
+from minisgl_cli.errors import UsageError
+
+# B / A (and A / B) at most 1 + this is "within noise" (see the module docstring).
+DEFAULT_NOISE = 0.04
+WITHIN_NOISE = "within noise"
 
 
 @dataclass(frozen=True)
 class Metric:
     key: str  # in the report's result rows
     higher_is_better: bool
+    exact: bool = False  # a count, the same in every run of the same work: no noise allowance
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,10 @@ def _higher(*keys: str) -> tuple[Metric, ...]:
 
 def _lower(*keys: str) -> tuple[Metric, ...]:
     return tuple(Metric(key, False) for key in keys)
+
+
+def _fewer(*keys: str) -> tuple[Metric, ...]:
+    return tuple(Metric(key, False, exact=True) for key in keys)
 
 
 KINDS: dict[str, ReportKind] = {
@@ -55,14 +72,15 @@ KINDS: dict[str, ReportKind] = {
     ),
     "prefix": ReportKind(
         ("cache_type",),
-        _lower("prefill_tokens")
-        + _higher("cached_tokens", "output_tok_per_s", "total_tok_per_s")
+        _fewer("prefill_tokens")
+        + (Metric("cached_tokens", True, exact=True),)
+        + _higher("output_tok_per_s", "total_tok_per_s")
         + _lower("elapsed_s"),
     ),
     "serve": ReportKind(
         (),
         _higher("requests_per_s", "output_tok_per_s", "total_tok_per_s", "goodput_requests_per_s")
-        + _lower("failed")
+        + _fewer("failed")
         + _lower(*(f"{stat}_{metric}_ms" for metric in SERVING_LATENCIES for stat in SERVING_STATS)),
     ),
 }
@@ -84,6 +102,7 @@ class Row:
     a: float | None  # None: the report has no value (e.g. no --slo, no roofline)
     b: float | None
     higher_is_better: bool
+    noise: float = 0.0  # B / A and A / B both at most 1 + noise: "within noise"
 
     @property
     def ratio(self) -> float | None:
@@ -94,11 +113,16 @@ class Row:
 
     @property
     def verdict(self) -> str:
-        """How B did against A on this metric: "better", "worse", "same", or "-" where one is missing."""
+        """How B did against A on this metric: "better", "worse", "same", "within noise", or "-" where one
+        is missing."""
         if self.a is None or self.b is None:
             return "-"
         if self.b == self.a:
             return "same"
+        ratio = self.ratio
+        # The tiny slack: 1.04 / 1.0 - 1 is a hair beyond 0.04 in floating point.
+        if ratio is not None and ratio > 0 and max(ratio, 1 / ratio) - 1 <= self.noise + 1e-12:
+            return WITHIN_NOISE
         return "better" if (self.b > self.a) == self.higher_is_better else "worse"
 
 
@@ -109,6 +133,7 @@ class ReportComparison:
     only_in_a: list[str]  # results of A with no match in B
     only_in_b: list[str]
     differences: list[str]  # "config.bench.input_len: '128' vs '256'"
+    noise: float = DEFAULT_NOISE  # the threshold of the timed metrics' rows
 
 
 def load_report(path: Path) -> Report:
@@ -116,9 +141,9 @@ def load_report(path: Path) -> Report:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise MinisglError(f"{path} does not exist") from None
+        raise UsageError(f"{path} does not exist") from None
     except OSError as exc:
-        raise MinisglError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise UsageError(f"{path} is not a minisgl bench report: not UTF-8 text") from None
     try:
@@ -151,8 +176,11 @@ def load_report(path: Path) -> Report:
     return Report(path, command, _object(data.get("machine")), _object(data.get("config")), results)
 
 
-def compare_reports(a: Report, b: Report) -> ReportComparison:
-    """Every metric of every result present in both reports, in A's order."""
+def compare_reports(a: Report, b: Report, noise: float = DEFAULT_NOISE) -> ReportComparison:
+    """Every metric of every result present in both reports, in A's order; a timed metric whose B / A and
+    A / B are both at most 1 + `noise` (a fraction: 0.04) is within noise."""
+    if noise < 0:
+        raise UsageError(f"--noise {noise * 100:g}: expected a percentage >= 0")
     if a.command != b.command:
         raise UsageError(
             f"cannot compare reports of different benchmarks: {a.path} is from bench {a.command}, "
@@ -161,7 +189,14 @@ def compare_reports(a: Report, b: Report) -> ReportComparison:
     kind = KINDS[a.command]
     in_a, in_b = _by_identity(a, kind), _by_identity(b, kind)
     rows = [
-        Row(_label(name), m.key, row.get(m.key), in_b[name].get(m.key), m.higher_is_better)
+        Row(
+            _label(name),
+            m.key,
+            row.get(m.key),
+            in_b[name].get(m.key),
+            m.higher_is_better,
+            0.0 if m.exact else noise,
+        )
         for name, row in in_a.items()
         if name in in_b
         for m in kind.metrics
@@ -174,6 +209,7 @@ def compare_reports(a: Report, b: Report) -> ReportComparison:
         differences=_differences(
             {"machine": a.machine, "config": a.config}, {"machine": b.machine, "config": b.config}
         ),
+        noise=noise,
     )
 
 
@@ -194,6 +230,14 @@ def comparison_table(comparison: ReportComparison) -> TableData:
     if not any(row.result for row in comparison.rows):  # a serving report: one result, nothing to name
         columns, rows = columns[1:], [row[1:] for row in rows]
     return TableData(columns, rows)
+
+
+def noise_line(comparison: ReportComparison) -> str:
+    """What "within noise" means in this comparison: the threshold, and that counts get none."""
+    counts = [m.key for m in KINDS[comparison.kind].metrics if m.exact]
+    exact = f"; {', '.join(counts)} compared exactly" if counts else ""
+    n = comparison.noise
+    return f"within noise (--noise {n * 100:g}): B / A from {1 / (1 + n):.3f}x to {1 + n:.3f}x{exact}"
 
 
 def comparison_notes(comparison: ReportComparison) -> list[str]:

@@ -26,6 +26,7 @@ import numpy as np
 from minisgl_cli.bench.workload import BenchRequest, Workload, sharegpt_workload
 from minisgl_cli.engine.tokenize import is_token_ids
 from minisgl_cli.errors import UsageError
+from minisgl_cli.wording import plural
 
 _JSONL_SHAPE = '{"prompt": text or [token ids], "output_len": N}'
 
@@ -114,7 +115,8 @@ def _read_jsonl(
         raise UsageError(f"dataset file {path} holds no requests")
     if num_requests is not None and len(requests) < num_requests:
         raise UsageError(
-            f"dataset file {path} has {len(requests)} requests; --num-prompts {num_requests} needs that many"
+            f"dataset file {path} has {plural(len(requests), 'request')}; "
+            f"--num-prompts {num_requests} needs that many"
         )
     return requests
 

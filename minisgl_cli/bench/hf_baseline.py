@@ -5,6 +5,9 @@ Offline, as vLLM's HF throughput backend does: requests, in workload order, are 
 with min_new_tokens = max_new_tokens
 = the batch's longest output length, so no row stops early. Only each request's own output length is counted:
 the tokens a shorter request generates while its batch finishes are the waste of static batching.
+Progress is reported per generated step, not per batch: one batch of a long run can take minutes. A stopping
+criterion that never stops counts the steps; unlike a streamer it needs no copy of the tokens to the host,
+so it adds no synchronisation with the device.
 
 Latency: the engine's prompts (same seed), prefilled by one forward() that fills a KV cache, then one
 forward() per decode step, each taking the argmax and copying the ids to the host, as an engine step does.
@@ -19,19 +22,20 @@ Attention is transformers' default implementation (sdpa).
 from __future__ import annotations
 
 import inspect
+import logging
 import time
+import warnings
+from bisect import bisect_left
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from minisgl_cli.bench.latency import LatencyResult, check_lengths
-from minisgl_cli.bench.offline import (
-    WARMUP_INPUT_LEN,
-    WARMUP_OUTPUT_LEN,
-    Progress,
-    ThroughputResult,
-    warmup_prompt,
-)
+from minisgl_cli.bench.offline import WARMUP_INPUT_LEN, WARMUP_OUTPUT_LEN, ThroughputResult, warmup_prompt
+from minisgl_cli.bench.progress import Progress, Tally
 from minisgl_cli.bench.workload import BenchRequest, Workload, random_workload
 from minisgl_cli.errors import MinisglError, UsageError
 
@@ -57,11 +61,12 @@ def load_hf_model(
             raise MinisglError(f"the config of {source.name} has no model_type: transformers cannot build it")
         config = AutoConfig.for_model(model_type, **fields)
         torch.manual_seed(seed)
-        with torch.device(device):
+        with torch.device(device), quiet_transformers():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+            with quiet_transformers():
+                model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise MinisglError(f"transformers cannot load {source.path}: {exc}") from exc
     # generate() fills what a call leaves unset from the model's generation config: a plain one, so that no
@@ -70,40 +75,105 @@ def load_hf_model(
     return model.to(device).eval()
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers (and huggingface_hub) without their own progress bars, and below --log-level debug
+    without their warnings and notes, for the block; errors still show. The "Loading weights" bar and the
+    load report are noise beside our own bar and table; the settings are put back afterwards."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    bars, hub_bars_off, verbosity = (
+        hf_logging.is_progress_bar_enabled(),
+        are_progress_bars_disabled(),
+        hf_logging.get_verbosity(),
+    )
+    # huggingface_hub warns where HF_HUB_DISABLE_PROGRESS_BARS overrides a call; the variable wins either way.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_logging.disable_progress_bar()
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if bars:
+                hf_logging.enable_progress_bar()  # turns huggingface_hub's on too
+            if hub_bars_off:
+                disable_progress_bars()
+
+
 def run_hf_offline(
     model: PreTrainedModel,
     workload: Workload,
     batch_size: int,
-    on_done: Progress | None = None,
+    on_progress: Progress | None = None,
     *,
     temperature: float = 0.0,
 ) -> ThroughputResult:
-    """Warm up, then run `workload` in static batches of `batch_size` and time it (see the module docstring)."""
+    """Warm up, then run `workload` in static batches of `batch_size` and time it (see the module docstring).
+
+    `on_progress(n)` is told of each request's own output tokens as generate() steps (run_offline's unit):
+    `workload.output_tokens` in all."""
     if batch_size < 1:
         raise UsageError(f"--hf-batch-size {batch_size}: expected a positive integer")
     device = model.device
     _generate(model, [BenchRequest(warmup_prompt(model.config.vocab_size), WARMUP_OUTPUT_LEN)], device)
     requests = workload.requests
     finish_s: list[float] = []
+    tally = Tally(on_progress, workload.output_tokens)
     start = time.perf_counter()
     for first in range(0, len(requests), batch_size):
         batch = requests[first : first + batch_size]
-        _generate(model, batch, device, temperature)
+        steps = _StepCounter(batch, tally, device)
+        _generate(model, batch, device, temperature, steps)
         finish_s.extend([time.perf_counter() - start] * len(batch))  # a static batch ends all at once
-        if on_done is not None:
-            on_done(len(batch))
+        steps.finish()
     elapsed = time.perf_counter() - start
+    tally.finish()
     return ThroughputResult(
         "hf", len(requests), workload.input_tokens, workload.output_tokens, elapsed, finish_s=finish_s
     )
 
 
+class _StepCounter(StoppingCriteria):
+    """A stopping criterion that never stops: generate() calls it once a step, after the step's token, and
+    it tells the tally how many rows of the batch made one of their own output tokens (a row past its own
+    output length only pads the batch's wait). Reads nothing from the device."""
+
+    def __init__(self, batch: list[BenchRequest], tally: Tally, device: torch.device) -> None:
+        self.lengths = sorted(r.output_len for r in batch)
+        self.tally = tally
+        self.steps = 0
+        self.counted = 0
+        self.never = torch.zeros(len(batch), dtype=torch.bool, device=device)  # made once, not per step
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        self.steps += 1
+        # Rows whose own output length reaches this step (a step past the last, later undone, counts none).
+        made = len(self.lengths) - bisect_left(self.lengths, self.steps)
+        self.counted += made
+        self.tally.add(made)
+        return self.never
+
+    def finish(self) -> None:
+        """After generate(): whatever steps it did not report, so that the batch counts exactly its tokens."""
+        self.tally.add(sum(self.lengths) - self.counted)
+
+
 @torch.inference_mode()
 def _generate(
-    model: PreTrainedModel, batch: list[BenchRequest], device: torch.device, temperature: float = 0.0
+    model: PreTrainedModel,
+    batch: list[BenchRequest],
+    device: torch.device,
+    temperature: float = 0.0,
+    steps: _StepCounter | None = None,
 ) -> None:
     """One left-padded generate() of `batch` (greedy at temperature 0, else sampled with no top-k/top-p),
-    every row run to the batch's longest output length."""
+    every row run to the batch's longest output length; `steps` is told of every step."""
     width = max(r.input_len for r in batch)
     ids = torch.full((len(batch), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -121,6 +191,7 @@ def _generate(
         ),
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
+        **({} if steps is None else {"stopping_criteria": StoppingCriteriaList([steps])}),
     )
     if out.shape[1] != width + new_tokens:  # the count reported would be wrong: a bug, not a user error
         raise RuntimeError(f"transformers generated {out.shape[1] - width} tokens, not {new_tokens}")
@@ -132,22 +203,28 @@ def run_hf_latency(
     input_len: int,
     output_len: int,
     seed: int,
-    on_done: Progress | None = None,
+    on_progress: Progress | None = None,
 ) -> list[LatencyResult]:
-    """Warm up once, then measure each batch size on the prompts the engine got for the same seed."""
+    """Warm up once, then measure each batch size on the prompts the engine got for the same seed;
+    `on_progress(1)` is told of each forward (run_latency's unit: `output_len` a batch size)."""
     check_lengths(input_len, output_len)
     _measure(model, min(batch_sizes), min(input_len, WARMUP_INPUT_LEN), WARMUP_OUTPUT_LEN, seed)
+    tally = Tally(on_progress, len(batch_sizes) * output_len)
     results = []
     for batch_size in batch_sizes:
-        results.append(_measure(model, batch_size, input_len, output_len, seed))
-        if on_done is not None:
-            on_done(1)
+        results.append(_measure(model, batch_size, input_len, output_len, seed, tally.add))
+    tally.finish()
     return results
 
 
 @torch.inference_mode()
 def _measure(
-    model: PreTrainedModel, batch_size: int, input_len: int, output_len: int, seed: int
+    model: PreTrainedModel,
+    batch_size: int,
+    input_len: int,
+    output_len: int,
+    seed: int,
+    on_step: Progress | None = None,
 ) -> LatencyResult:
     vocab_size = model.config.vocab_size
     workload = random_workload(batch_size, (input_len, input_len), (output_len, output_len), vocab_size, seed)
@@ -157,6 +234,8 @@ def _measure(
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     next_ids = _argmax_to_host(out)
     prefill_s = time.perf_counter() - start
+    if on_step is not None:  # outside the timing: each step is timed on its own
+        on_step(1)
     decode_s = 0.0
     for _ in range(output_len - 1):
         start = time.perf_counter()
@@ -164,6 +243,8 @@ def _measure(
         out = model(input_ids=next_ids.to(model.device)[:, None], use_cache=True, logits_to_keep=1, **cache)
         next_ids = _argmax_to_host(out)
         decode_s += time.perf_counter() - start
+        if on_step is not None:
+            on_step(1)
     return LatencyResult("hf", batch_size, input_len, output_len, prefill_s, output_len - 1, decode_s)
 
 

@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from minisgl_cli.bench.offline import WARMUP_INPUT_LEN, WARMUP_OUTPUT_LEN, Progress, exact_greedy
+from minisgl_cli.bench.offline import WARMUP_INPUT_LEN, WARMUP_OUTPUT_LEN, exact_greedy
+from minisgl_cli.bench.progress import Progress, Tally
 from minisgl_cli.bench.workload import random_workload
 from minisgl_cli.errors import MinisglError, UsageError
 
@@ -93,18 +94,22 @@ def run_latency(
     input_len: int,
     output_len: int,
     seed: int,
-    on_done: Progress | None = None,
+    on_progress: Progress | None = None,
 ) -> list[LatencyResult]:
-    """Warm up once, then measure each batch size in turn; prompts are random token ids drawn from `seed`."""
+    """Warm up once, then measure each batch size in turn; prompts are random token ids drawn from `seed`.
+
+    `on_progress(1)` is told of each step of a measured batch, its prefill and then each decode step:
+    `output_len` a batch size. It runs inside the timing (a few microseconds against a step of milliseconds).
+    """
     check_lengths(input_len, output_len)
     for batch_size in batch_sizes:
         _check_capacity(llm, batch_size, input_len, output_len)
     _measure(llm, min(batch_sizes), min(input_len, WARMUP_INPUT_LEN), WARMUP_OUTPUT_LEN, seed)
+    tally = Tally(on_progress, len(batch_sizes) * output_len)
     results = []
     for batch_size in batch_sizes:
-        results.append(_measure(llm, batch_size, input_len, output_len, seed))
-        if on_done is not None:
-            on_done(1)
+        results.append(_measure(llm, batch_size, input_len, output_len, seed, tally.add))
+    tally.finish()
     return results
 
 
@@ -130,7 +135,14 @@ def _check_capacity(llm: LLM, batch_size: int, input_len: int, output_len: int) 
         )
 
 
-def _measure(llm: LLM, batch_size: int, input_len: int, output_len: int, seed: int) -> LatencyResult:
+def _measure(
+    llm: LLM,
+    batch_size: int,
+    input_len: int,
+    output_len: int,
+    seed: int,
+    on_step: Progress | None = None,
+) -> LatencyResult:
     from minisgl_cli.engine.request import FinishReason
 
     scheduler = llm.scheduler
@@ -148,10 +160,14 @@ def _measure(llm: LLM, batch_size: int, input_len: int, output_len: int, seed: i
         start = time.perf_counter()
         while not all(r.num_output > 0 for r in reqs):
             _step(scheduler)
+        if on_step is not None:
+            on_step(1)
         prefill_end = time.perf_counter()
         while not all(r.finished for r in reqs):
             _step(scheduler)
             decode_steps += 1
+            if on_step is not None:
+                on_step(1)
         decode_end = time.perf_counter()
     finally:
         for req in reqs:

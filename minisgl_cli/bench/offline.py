@@ -9,10 +9,10 @@ the engine reports per request (usage), not what was asked for, so a request cut
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from minisgl_cli.bench.progress import Progress, Tally
 from minisgl_cli.bench.rates import TokenRates
 from minisgl_cli.bench.workload import Workload
 from minisgl_cli.engine.request import SamplingParams
@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 # The untimed warm-up run: small, so it costs little, but it runs prefill, decode and sampling once.
 WARMUP_INPUT_LEN = 16
 WARMUP_OUTPUT_LEN = 4
-
-# A progress callback, told how many items (requests, or batch sizes for latency) were just done.
-Progress = Callable[[int], None]
 
 
 @dataclass
@@ -68,7 +65,7 @@ def warm_up(llm: LLM) -> None:
 def run_offline(
     llm: LLM,
     workload: Workload,
-    on_done: Progress | None = None,
+    on_progress: Progress | None = None,
     *,
     system: str = "minisgl",
     warmup: bool = True,
@@ -80,8 +77,8 @@ def run_offline(
     With `structured`, every request's output is constrained to it (and ends when it is complete); the warm-up
     compiles its grammar, so the timed run measures the masks, as a server that has seen the schema would.
 
-    `on_done(1)` is called as each request finishes (for a progress bar); its cost is inside the timing, so it
-    must be cheap.
+    `on_progress(n)` is told of output tokens as every engine step makes them (for a progress bar; see
+    bench/progress.py): `workload.output_tokens` in all. Its cost is inside the timing, so it must be cheap.
     """
     check_fits(workload, llm.scheduler.max_seq_len)
     if warmup:
@@ -101,15 +98,17 @@ def run_offline(
     ]
     input_tokens = output_tokens = cached_tokens = 0
     finish_s: list[float] = []
+    tally = Tally(on_progress, workload.output_tokens)
     start = time.perf_counter()
-    for out in llm.iter_outputs(prompts, params):
+    for out in llm.iter_outputs(prompts, params, on_tokens=tally.add):
         finish_s.append(time.perf_counter() - start)
         input_tokens += out.usage.prompt_tokens
         output_tokens += out.usage.completion_tokens
         cached_tokens += out.usage.cached_tokens
-        if on_done is not None:
-            on_done(1)
+        # A request that ended before its output length (its JSON complete) never makes the rest.
+        tally.add(workload.requests[out.index].output_len - out.usage.completion_tokens)
     elapsed = time.perf_counter() - start
+    tally.finish()
     return ThroughputResult(
         system, len(prompts), input_tokens, output_tokens, elapsed, cached_tokens, finish_s=finish_s
     )

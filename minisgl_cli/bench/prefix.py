@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from minisgl_cli.bench.offline import Progress, ThroughputResult, run_offline, warm_up
+from minisgl_cli.bench.offline import ThroughputResult, run_offline, warm_up
+from minisgl_cli.bench.progress import Progress
 from minisgl_cli.bench.workload import Workload
 
 if TYPE_CHECKING:
@@ -49,12 +50,13 @@ class PrefixResult:
 
 
 def run_prefix(
-    llm: LLM, cache_type: str, workload: Workload, on_done: Progress | None = None
+    llm: LLM, cache_type: str, workload: Workload, on_progress: Progress | None = None
 ) -> PrefixResult:
-    """Warm up, then time the workload and count the prompt tokens the scheduler prefilled for it."""
+    """Warm up, then time the workload and count the prompt tokens the scheduler prefilled for it;
+    `on_progress` is told of output tokens as they are made (run_offline)."""
     warm_up(llm)
     before = llm.scheduler.stats().tokens_prefilled
-    run = run_offline(llm, workload, on_done, system=cache_type, warmup=False)
+    run = run_offline(llm, workload, on_progress, system=cache_type, warmup=False)
     return PrefixResult(cache_type, run, llm.scheduler.stats().tokens_prefilled - before)
 
 

@@ -62,6 +62,7 @@ from minisgl_cli.bench.latency import LatencyResult
 from minisgl_cli.bench.offline import ThroughputResult
 from minisgl_cli.bench.serving import LatencyStats, ServingResult
 from minisgl_cli.errors import MinisglError
+from minisgl_cli.wording import plural
 
 SCHEMA_VERSION = 1
 THROUGHPUT_KEYS = (
@@ -266,11 +267,12 @@ def serving_notes(result: ServingResult) -> list[str]:
     notes = []
     if result.failed:
         notes.append(
-            f"{result.failed} of {result.num_requests} requests failed; first error: {result.first_error}"
+            f"{result.failed} of {plural(result.num_requests, 'request')} failed; "
+            f"first error: {result.first_error}"
         )
     if result.short_outputs:
         notes.append(
-            f"{result.short_outputs} completed requests got fewer tokens than asked "
+            f"{plural(result.short_outputs, 'completed request')} got fewer tokens than asked "
             "(the server stopped before max_tokens despite ignore_eos)"
         )
     return notes

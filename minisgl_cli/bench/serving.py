@@ -21,21 +21,20 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import numpy as np
 
+from minisgl_cli.bench.progress import Progress
 from minisgl_cli.bench.rates import TokenRates
 from minisgl_cli.bench.workload import BenchRequest, ChatRequest
 from minisgl_cli.errors import UsageError
 from minisgl_cli.openai_http import auth_headers, body_message, error_reason, http_error
 
 ServeRequest = BenchRequest | ChatRequest
-# A progress callback, told how many requests were just done (succeeded or failed).
-Progress = Callable[[int], None]
 
 # Connecting should be quick; a queued request may wait long for its first byte on a loaded server, so reads
 # get a bound only a stuck server reaches.

@@ -21,6 +21,7 @@ import numpy as np
 
 from minisgl_cli.config import BenchConfig, parse_length_range
 from minisgl_cli.errors import UsageError
+from minisgl_cli.wording import plural
 
 RANDOM = "random"
 SERVE_DATASETS = (RANDOM, "sharegpt")  # bench serve's: a server tokenizes text prompts itself
@@ -91,7 +92,8 @@ def shared_prefix_workload(
     if num_requests < 1 or prefix_len < 1 or question_len < 1 or output_len < 1:
         raise UsageError(
             "a shared-prefix workload needs at least 1 request and lengths >= 1 "
-            f"(got {num_requests} requests, prefix {prefix_len}, question {question_len}, output {output_len})"
+            f"(got {plural(num_requests, 'request')}, prefix {prefix_len}, question {question_len}, "
+            f"output {output_len})"
         )
     rng = np.random.default_rng(seed)
     prefix = rng.integers(0, vocab_size, size=prefix_len).tolist()
@@ -134,7 +136,7 @@ def sharegpt_workload(
     count = len(prompts) if num_requests is None else num_requests
     if len(prompts) < count:
         raise UsageError(
-            f"ShareGPT file {path} has {len(prompts)} conversations with a human turn; "
+            f"ShareGPT file {path} has {plural(len(prompts), 'conversation')} with a human turn; "
             f"--num-prompts {count} needs that many"
         )
     rng = np.random.default_rng(seed)

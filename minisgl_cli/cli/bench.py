@@ -30,13 +30,14 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from transformers import PreTrainedModel
 
-    from minisgl_cli.bench.offline import Progress
+    from minisgl_cli.bench.progress import Progress
     from minisgl_cli.bench.report import Comparison, TableData
     from minisgl_cli.bench.workload import Workload
     from minisgl_cli.engine.models.config import ModelConfig
     from minisgl_cli.model_source import ModelSource
 
 DEFAULT_HF_BATCH_SIZE = 64
+DEFAULT_NOISE_PERCENT = 4.0  # bench compare --noise: bench/compare.py's DEFAULT_NOISE, which says why
 # bench serve's random token ids lie in [V // 10, V): below every real model's vocabulary, above the special
 # and byte tokens that tokenizers keep at the lowest ids.
 DEFAULT_VOCAB_SIZE = 10_000
@@ -177,14 +178,16 @@ def offline(
     engine = cfg.config.engine
     setup = _setup(engine)
     workload = _offline_workload(cfg, setup)
-    with LLM.from_config(engine) as llm, _progress("minisgl", len(workload.requests)) as advance:
+    # The bars count output tokens: one of requests would not move (bench/progress.py).
+    tokens = workload.output_tokens
+    with LLM.from_config(engine) as llm, _progress("minisgl", tokens, "tok") as advance:
         results = [run_offline(llm, workload, advance, temperature=temperature, structured=structured)]
     del llm  # its weights and KV pool go before the baseline loads
     if baseline == "hf":
         from minisgl_cli.bench.hf_baseline import run_hf_offline
 
         model = _load_hf(engine, setup)
-        with _progress("transformers", len(workload.requests)) as advance:
+        with _progress("transformers", tokens, "tok") as advance:
             results.append(run_hf_offline(model, workload, hf_batch_size, advance, temperature=temperature))
 
     comparisons = offline_comparisons(results)
@@ -248,14 +251,15 @@ def latency(
     engine = cfg.config.engine
     setup = _setup(engine)
     seed = engine.random_seed
-    with LLM.from_config(engine) as llm, _progress("minisgl", len(sizes)) as advance:
+    steps = len(sizes) * output_len  # each batch size: its prefill, then output_len - 1 decode steps
+    with LLM.from_config(engine) as llm, _progress("minisgl", steps, "step") as advance:
         results = run_latency(llm, sizes, input_len, output_len, seed, advance)
     del llm  # its weights and KV pool go before the baseline loads
     if baseline == "hf":
         from minisgl_cli.bench.hf_baseline import run_hf_latency
 
         model = _load_hf(engine, setup)
-        with _progress("transformers", len(sizes)) as advance:
+        with _progress("transformers", steps, "step") as advance:
             results += run_hf_latency(model, sizes, input_len, output_len, seed, advance)
     # The roofline share, on GPUs: the bytes a decode step must read over the bandwidth measured now (on
     # one GPU; with --tp N, N GPUs read their shares at once).
@@ -336,7 +340,7 @@ def prefix(
     results = []
     for cache_type in ("radix", "naive"):
         llm = LLM.from_config(dataclasses.replace(engine, cache_type=cache_type))
-        with llm, _progress(cache_type, num_prompts) as advance:
+        with llm, _progress(cache_type, workload.output_tokens, "tok") as advance:
             results.append(run_prefix(llm, cache_type, workload, advance))
         del llm  # one engine's KV pool at a time
         gc.collect()
@@ -511,21 +515,39 @@ def compare(
     b: Annotated[
         Path, typer.Argument(metavar="B.json", help="The second report (B), of the same bench command.")
     ],
+    noise: Annotated[
+        float,
+        typer.Option(
+            "--noise",
+            help="Percent: a time or rate whose B / A is within this of 1 is 'within noise', neither better "
+            "nor worse. The default is one configuration's run-to-run spread on a GPU; the 2-core CPU "
+            "machine of docs/benchmarks.md needs about 12.",
+            min=0.0,
+        ),
+    ] = DEFAULT_NOISE_PERCENT,
 ) -> None:
     """Compare two --json reports of the same benchmark, metric by metric, with the ratio B / A.
 
     Each metric of A and B side by side, B / A, and whether B did better (rates: higher is better; times
-    and latencies: lower). Results are matched by system (offline), system and batch size (latency), cache type (prefix); a serve
-    report has one. Settings that differ between the two runs are listed under the table.
+    and latencies: lower), or moved by no more than --noise percent (within noise). Results are matched by
+    system (offline), system and batch size (latency), cache type (prefix); a serve report has one.
+    Settings that differ between the two runs are listed under the table.
 
-    Example: minisgl bench compare before.json after.json
+    Example: minisgl bench compare before.json after.json --noise 12
     """
-    from minisgl_cli.bench.compare import compare_reports, comparison_notes, comparison_table, load_report
+    from minisgl_cli.bench.compare import (
+        compare_reports,
+        comparison_notes,
+        comparison_table,
+        load_report,
+        noise_line,
+    )
 
-    comparison = compare_reports(load_report(a), load_report(b))
+    comparison = compare_reports(load_report(a), load_report(b), noise=noise / 100)
     table = comparison_table(comparison)
     ui.console.print(Text(f"bench compare ({comparison.kind}): A = {a}, B = {b}"), soft_wrap=True)
     ui.print_table(None, table.columns, table.rows)
+    ui.console.print(Text(noise_line(comparison)), soft_wrap=True)
     for note in comparison_notes(comparison):
         ui.console.print(Text(note, style="yellow"), soft_wrap=True)
 
@@ -562,10 +584,11 @@ def _load_hf(engine: EngineConfig, setup: _Setup) -> PreTrainedModel:
 
 
 @contextmanager
-def _progress(label: str, total: int) -> Iterator[Progress]:
-    """A transient progress bar on stderr; yields the callback that advances it."""
+def _progress(label: str, total: int, unit: str | None = None) -> Iterator[Progress]:
+    """A transient progress bar on stderr, of `total` units ("tok": its rate reads tok/s; None: items);
+    yields the callback that advances it."""
     with ui.progress(transient=True) as bar:
-        task = bar.add_task(label, total=total)
+        task = bar.add_task(label, total=total, unit=unit)
         yield lambda n: bar.advance(task, n)
 
 
