@@ -142,8 +142,9 @@ def test_messages_put_the_system_prompt_first_then_the_turns_then_the_prompt() -
     assert conversation.settings.temperature == 0.5
     conversation.system = None
     assert conversation.messages("Hi") == [user("Hi")]
+    assert conversation.chosen == frozenset()
     conversation.change("max_tokens", 4)
-    assert conversation.settings.max_tokens == 4
+    assert conversation.settings.max_tokens == 4 and conversation.chosen == {"max_tokens"}  # /set chooses it
     with pytest.raises(UsageError):  # the config's own check, again
         conversation.change("temperature", -1.0)
 
@@ -168,6 +169,7 @@ def test_json_transcript_round_trips(tmp_path: Path) -> None:
     assert loaded.system == conversation.system
     assert loaded.turns == conversation.turns
     assert loaded.settings == SamplingConfig(temperature=0.5, max_tokens=64, seed=3, repetition_penalty=1.5)
+    assert loaded.chosen == set(data["settings"])  # a transcript's settings were chosen when it was saved
 
 
 def test_markdown_transcript_has_a_heading_per_message(tmp_path: Path) -> None:
@@ -297,6 +299,7 @@ class RecordingBackend:
         messages: list[dict[str, str]],
         settings: SamplingConfig,
         json_schema: dict[str, Any] | None = None,
+        chosen: frozenset[str] = frozenset(),
     ) -> Iterator[Delta]:
         self.sent.append(messages)
         self.settings.append(settings)
@@ -441,15 +444,16 @@ def test_openai_backend_streams_deltas_and_takes_the_usage_count() -> None:
     )
     backend = OpenAIBackend.connect("http://example.test:8000/v1/", transport=transport)
     assert (backend.model, backend.location) == ("first", "http://example.test:8000")
-    settings = SamplingConfig(temperature=0.0, max_tokens=8, top_k=5)
-    deltas = list(backend.stream([user("hi")], settings))
+    settings = SamplingConfig(temperature=0.0, max_tokens=8, top_k=5, seed=4)
+    deltas = list(backend.stream([user("hi")], settings, chosen=frozenset({"temperature", "top_k"})))
     assert deltas == [
         Delta("", 0, None),
         Delta("Hel", 1, None),
         Delta("lo", 2, "length"),
         Delta("", 3, None),
     ]
-    # The standard fields always; extensions only when changed from their defaults.
+    # max_tokens always; the rest only when the user chose them (the unchosen seed and top_p are the
+    # server's to default, e.g. from the model's generation_config.json).
     assert bodies == [
         {
             "model": "first",
@@ -457,7 +461,6 @@ def test_openai_backend_streams_deltas_and_takes_the_usage_count() -> None:
             "stream": True,
             "stream_options": {"include_usage": True},
             "temperature": 0.0,
-            "top_p": 1.0,
             "top_k": 5,
             "max_tokens": 8,
         }
@@ -697,7 +700,7 @@ def test_url_mode_answers_like_the_in_process_engine(
     assert result.stdout == f"{a1}\n{a2}\n"
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "HTTP 400" in errors[0] and "8192" in errors[0]
-    assert errors[1] == "error: 1 piped line(s) failed: see the errors above"
+    assert errors[1] == "error: 1 piped line failed: see the errors above"
     assert result.returncode == 1
     assert "\x1b" not in result.stdout + result.stderr
 

@@ -30,6 +30,7 @@ class Backend(Protocol):
         messages: list[dict[str, str]],
         settings: SamplingConfig,
         json_schema: dict[str, Any] | None = None,
+        chosen: frozenset[str] = frozenset(),
     ) -> Iterator[Delta]:
         """The answer to `messages` as it is generated (JSON matching `json_schema` when given). Closing the
         iterator early cancels the answer."""

@@ -28,6 +28,9 @@ class Conversation:
     system: str | None = None  # sent first when set
     turns: list[Message] = field(default_factory=list)  # user, assistant, user, assistant, ...
     json_schema: dict[str, Any] | None = None  # answers are JSON matching it; None: free text
+    # The settings the user chose (flag, env, config file, /set, a loaded transcript): a server (--url) is sent
+    # only these, so its own defaults (the model's generation_config.json) apply to the rest.
+    chosen: frozenset[str] = frozenset()
 
     def messages(self, prompt: str | None = None) -> list[dict[str, str]]:
         """What a backend is sent: the system prompt, every turn, then the new prompt (if any)."""
@@ -47,3 +50,4 @@ class Conversation:
     def change(self, name: str, value: Any) -> None:
         """Set one sampling setting (SamplingConfig validates it again)."""
         self.settings = dataclasses.replace(self.settings, **{name: value})
+        self.chosen |= {name}

@@ -40,6 +40,7 @@ class EngineBackend:
         messages: list[dict[str, str]],
         settings: SamplingConfig,
         json_schema: dict[str, Any] | None = None,
+        chosen: frozenset[str] = frozenset(),  # unused: `settings` already hold this model's defaults
     ) -> Iterator[Delta]:
         from minisgl_cli.engine.request import SamplingParams
         from minisgl_cli.engine.structured import StructuredOutput

@@ -26,10 +26,11 @@ from minisgl_cli.openai_http import (
     transport_errors,
 )
 
-# Sent always; the other sampling fields (top_k, min_p, penalties, seed) only when changed from their
-# defaults, because they are extensions some servers refuse.
-_ALWAYS_SENT = frozenset({"temperature", "top_p", "max_tokens"})
-_SAMPLING_DEFAULTS = SamplingConfig()
+# Sent always: it bounds a chat answer's length (the server's default may be the whole context). The other
+# settings only when the user chose them: the server then applies its own defaults (for a minisgl server,
+# the model's generation_config.json) to the rest, and servers that refuse extensions (top_k, min_p,
+# penalties, seed) never see them unasked.
+_ALWAYS_SENT = frozenset({"max_tokens"})
 
 
 class OpenAIBackend:
@@ -68,13 +69,14 @@ class OpenAIBackend:
         messages: list[dict[str, str]],
         settings: SamplingConfig,
         json_schema: dict[str, Any] | None = None,
+        chosen: frozenset[str] = frozenset(),
     ) -> Iterator[Delta]:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
-            **_sampling_fields(settings),
+            **_sampling_fields(settings, chosen),
         }
         if json_schema is not None:
             body["response_format"] = {
@@ -138,10 +140,6 @@ def _json_object(data: str) -> dict[str, Any]:
     return chunk
 
 
-def _sampling_fields(settings: SamplingConfig) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        if f.name in _ALWAYS_SENT or value != getattr(_SAMPLING_DEFAULTS, f.name):
-            fields[f.name] = value
-    return fields
+def _sampling_fields(settings: SamplingConfig, chosen: frozenset[str]) -> dict[str, Any]:
+    names = [f.name for f in dataclasses.fields(settings)]
+    return {name: getattr(settings, name) for name in names if name in _ALWAYS_SENT or name in chosen}

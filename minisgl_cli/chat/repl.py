@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -25,6 +26,7 @@ from minisgl_cli.chat.stats import STOPPED, Meter
 from minisgl_cli.cli.ui import print_error
 from minisgl_cli.config import format_value
 from minisgl_cli.errors import MinisglError
+from minisgl_cli.wording import plural
 
 
 @dataclass
@@ -46,10 +48,7 @@ class Repl:
     def run(self, source: Source) -> None:
         """Until the input ends or /exit."""
         if self.out.interactive:
-            self._note(
-                f"minisgl chat · {self.backend.model} ({self.backend.location}) · "
-                "/help lists the commands · Ctrl-D leaves"
-            )
+            self._banner()
         while (entry := source.read()) is not None:
             try:
                 if not self._handle(entry):
@@ -93,10 +92,11 @@ class Repl:
                 self._note("answers are JSON matching the schema" if schema else "answers are free text")
             case commands.Save(path):
                 transcript.save(conversation, path, self.backend.model)
-                self._note(f"saved {len(conversation.messages())} messages to {path}")
+                self._note(f"saved {plural(len(conversation.messages()), 'message')} to {path}")
             case commands.Load(path):
                 self.conversation = transcript.load(path, conversation.settings)
-                self._note(f"loaded {len(self.conversation.messages())} messages from {path}")
+                self.conversation.chosen |= conversation.chosen  # what was chosen before stays chosen
+                self._note(f"loaded {plural(len(self.conversation.messages()), 'message')} from {path}")
         return True
 
     def _turn(self, prompt: str) -> None:
@@ -110,6 +110,7 @@ class Repl:
                     self.conversation.messages(prompt),
                     self.conversation.settings,
                     self.conversation.json_schema,
+                    chosen=self.conversation.chosen,
                 ):
                     meter.observe(delta)
                     if delta.reasoning and self.out.show_thinking:
@@ -137,8 +138,31 @@ class Repl:
         settings = self.conversation.settings
         return ", ".join(f"{name} = {format_value(getattr(settings, name))}" for name in commands.SETTABLE)
 
+    def _banner(self) -> None:
+        pieces = [
+            "minisgl chat",
+            f"{self.backend.model} ({self.backend.location})",
+            "/help lists the commands",
+            "Ctrl-D leaves",
+        ]
+        lines = banner_lines(pieces, self.out.console.width)
+        # Not soft-wrapped, unlike other notes: a piece wider than the terminal still breaks between words.
+        self.out.console.print(Text("\n".join(lines), style="dim"), highlight=False)
+
     def _note(self, text: str) -> None:
         self.out.console.print(Text(text, style="dim"), soft_wrap=True, highlight=False)
+
+
+def banner_lines(pieces: list[str], width: int, separator: str = " · ") -> list[str]:
+    """The pieces joined by `separator`, a new line started between pieces wherever the next would not fit
+    (the terminal itself would break the line mid-word)."""
+    lines: list[str] = []
+    for piece in pieces:
+        if lines and cell_len(lines[-1] + separator + piece) <= width:
+            lines[-1] += separator + piece
+        else:
+            lines.append(piece)
+    return lines
 
 
 def terminal_output(console: Console, plain: bool, show_thinking: bool = True) -> Output:

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 from minisgl_cli.chat.backend import Delta
+from minisgl_cli.wording import plural
 
 STOPPED = "stopped"  # the finish reason of an answer cut short with Ctrl-C
 
@@ -18,7 +19,7 @@ class TurnStats:
     finish_reason: str | None = None
 
     def summary(self) -> str:
-        parts = [f"{self.tokens} token{'s' if self.tokens != 1 else ''}"]
+        parts = [plural(self.tokens, "token")]
         # Decode speed after the first token: the prompt's prefill is what TTFT already shows.
         if self.ttft is not None and self.tokens > 1 and self.seconds > self.ttft:
             parts.append(f"{(self.tokens - 1) / (self.seconds - self.ttft):.1f} tok/s")

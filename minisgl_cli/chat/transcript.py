@@ -77,7 +77,7 @@ def load(path: Path, settings: SamplingConfig) -> Conversation:
     if len(messages) % 2:
         raise UsageError(f"/load {path}: the last user message has no answer")
     changes = _settings(path, data.get("settings", {}))
-    return Conversation(dataclasses.replace(settings, **changes), system, messages)
+    return Conversation(dataclasses.replace(settings, **changes), system, messages, chosen=frozenset(changes))
 
 
 def _message(path: Path, index: int, raw: Any) -> Message:

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import typer
 
 from minisgl_cli import __version__
-from minisgl_cli.cli import bench, chat, config_cmd, convert, generate, serve, ui
+from minisgl_cli.cli import bench, chat, config_cmd, convert, generate, help_format, serve, ui
 
 app = typer.Typer(
     name="minisgl",
@@ -59,6 +59,8 @@ app.command("generate")(generate.generate)
 app.command("serve")(serve.serve)
 app.command("chat")(chat.chat)
 app.add_typer(bench.app, name="bench")
+# Our help layout on every command: typer's cuts flag names and shows "<bool>" at 80 columns.
+help_format.use_for(app)
 
 
 def main(argv: list[str] | None = None) -> None:

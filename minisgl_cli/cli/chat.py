@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -14,6 +15,7 @@ from minisgl_cli.cli import ui
 from minisgl_cli.cli.options import with_config
 from minisgl_cli.config import LoadedConfig
 from minisgl_cli.errors import MinisglError, UsageError
+from minisgl_cli.wording import plural
 
 if TYPE_CHECKING:
     from minisgl_cli.chat.backend import Backend
@@ -63,7 +65,9 @@ def chat(
 ) -> None:
     """Chat in the terminal: answers stream as they are generated, then tokens/s and time to first token.
 
-    The sampling flags (--temperature, --max-tokens, ...) are the starting settings: /set changes them.
+    The sampling flags (--temperature, --max-tokens, ...) are the starting settings: /set changes them. In
+    process, those not set come from the model's generation_config.json (--generation-config none: the
+    built-in defaults).
 
     /help lists the commands. Alt+Enter, or a line holding only \"\"\", starts multi-line input.
 
@@ -85,6 +89,11 @@ def chat(
         # Ctrl-C must stop an answer even when this process started with SIGINT ignored (a parent that ignores it
         # passes that on, and Python then installs no KeyboardInterrupt handler of its own).
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if url is None:
+        # Before the model loads, so a bad generation_config.json costs no wait. A server (--url) has its own.
+        from minisgl_cli.generation_config import with_model_generation_config
+
+        cfg = with_model_generation_config(cfg)
     backend = _connect(cfg, url, api_key)
     try:
         output = (
@@ -92,13 +101,15 @@ def chat(
             if interactive
             else piped_output(ui.err_console)
         )
-        conversation = Conversation(cfg.config.sampling, system or None, json_schema=schema)
+        sampling = {f.name for f in dataclasses.fields(cfg.config.sampling)}
+        chosen = frozenset(name for name in sampling if cfg.sources[name] != "default")
+        conversation = Conversation(cfg.config.sampling, system or None, json_schema=schema, chosen=chosen)
         repl = Repl(backend, conversation, output)
         repl.run(_source(interactive))
     finally:
         backend.close()
     if repl.failures and not interactive:
-        raise MinisglError(f"{repl.failures} piped line(s) failed: see the errors above")
+        raise MinisglError(f"{plural(repl.failures, 'piped line')} failed: see the errors above")
 
 
 def _connect(cfg: LoadedConfig, url: str | None, api_key: str | None) -> Backend:

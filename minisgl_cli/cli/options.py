@@ -30,8 +30,11 @@ def _option(spec: Setting) -> inspect.Parameter:
         names = (f"{spec.flag}/--no-{spec.flag[2:]}",)
     value_type: Any = Literal[spec.choices] if spec.choices else spec.type
     # The built-in default is shown as text only: the real default stays None, so an absent flag
-    # overrides nothing.
-    shown = spec.default is not None and spec.type is not bool and str(spec.default)
+    # overrides nothing. A switch's default is named as the flag that gives it: "no-dummy-weights".
+    if spec.type is bool:
+        shown: str | bool = spec.flag[2:] if spec.default else f"no-{spec.flag[2:]}"
+    else:
+        shown = spec.default is not None and str(spec.default)
     info = typer.Option(
         *names,
         help=escape(spec.help),  # help is plain text, not rich markup: "[0, 1]" must print as is
