@@ -6,7 +6,9 @@ embedded default model is converted at most once per session, whichever test nee
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,17 @@ def smollm2_dir(_session_cache: Path) -> Path:
     source = resolve_model(None)
     assert source.path is not None
     return source.path
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The root logger's level and handlers (and this process's log role) put back after a test that
+    installs the CLI's or the server's logging."""
+    from minisgl_cli import log_format
+
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    log_format.set_role("main")

@@ -170,16 +170,6 @@ def test_the_access_log_switched_off_logs_at_debug_only(caplog: pytest.LogCaptur
     assert [r.levelno for r in records] == [logging.DEBUG, logging.DEBUG]
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    level, handlers = root.level, root.handlers[:]
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    log_format.set_role("main")
-
-
 def test_every_logger_writes_the_common_format(
     capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
