@@ -23,19 +23,21 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from minisgl_cli.engine.forward_batch import ForwardBatch
 from minisgl_cli.engine.model_runner import ModelRunner
 from minisgl_cli.engine.models.config import ModelConfig
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 # The GPU tests' tiny shape, for a head_dim of 64 or 128 (the sizes FlashInfer's prebuilt Hopper kernels
 # cover; others compile for minutes).
 GPU_SHAPE: dict[str, Any] = {
@@ -58,6 +60,8 @@ _CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
     "mistral": MistralConfig,
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
+    "qwen3_moe": Qwen3MoeConfig,  # give it num_experts, num_experts_per_tok, moe_intermediate_size
+    "mixtral": MixtralConfig,  # give it num_local_experts, num_experts_per_tok
 }
 _TINY_SHAPE: dict[str, Any] = {
     "vocab_size": 384,

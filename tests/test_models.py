@@ -155,6 +155,8 @@ KNOWN_SIZES = {
     "qwen3-8b": 8.19e9,
     "qwen2.5-7b": 7.62e9,
     "smollm2-135m": 134.5e6,
+    "qwen3-30b-a3b": 30.53e9,
+    "mixtral-8x7b": 46.70e9,
 }
 
 

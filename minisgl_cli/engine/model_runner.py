@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from minisgl_cli.engine.models.registry import build_model, count_parameters
 from minisgl_cli.engine.models.weights import init_dummy_weights, load_weights
 from minisgl_cli.errors import MinisglError
 from minisgl_cli.wording import plural
+
+log = logging.getLogger(__name__)
 
 _GIB = 1 << 30
 
@@ -119,6 +122,11 @@ class ModelRunner:
         if self.device.type != "cuda" or max_batch_size <= 0 or not isinstance(decode, FlashInferBackend):
             return None
         if not self.tp.capturable:  # ranks on one GPU over gloo (tp_ranks.ONE_GPU_ENV): run eagerly
+            return None
+        if self.model_config.moe is not None:
+            # The MoE block's torch path reads each expert's token count on the host (layers/moe.py), which a
+            # graph cannot capture; a fused MoE kernel is what will let MoE decode replay.
+            log.info("mixture-of-experts model: decode runs without CUDA graphs")
             return None
         return CudaGraphRunner(
             self.model, decode, max_batch_size=max_batch_size, max_context_len=max_context_len

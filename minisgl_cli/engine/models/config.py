@@ -1,5 +1,8 @@
 """ModelConfig: the few numbers our decoder needs, parsed from an HF `config.json` dict.
 
+Mixture-of-experts models (Qwen3-MoE, Mixtral) add a MoEConfig: which layers route over experts, how
+many, and how wide each expert is.
+
 Both spellings of rope settings are accepted: transformers 4 writes `rope_theta` + `rope_scaling`,
 transformers 5 writes one `rope_parameters` dict holding both.
 """
@@ -20,6 +23,8 @@ _ARCH_BY_MODEL_TYPE = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 
 
@@ -44,6 +49,61 @@ class Llama3RopeScaling:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """The sparse MLP of a mixture-of-experts model: each token's router picks `top_k` of `num_experts`
+    experts (gated MLPs of width `intermediate_size`) and sums their outputs weighted by the router's
+    softmax probabilities, renormalised over the picked ones when `renormalize`."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool
+    layers: tuple[int, ...]  # the layers whose MLP is sparse; the others keep the dense MLP
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], architecture: str, num_layers: int) -> MoEConfig | None:
+        # Either spelling, in either model: Qwen3-MoE checkpoints write `num_experts`, transformers 5
+        # saves it as Mixtral's `num_local_experts`.
+        key = "num_experts" if "num_experts" in d else "num_local_experts"
+        if architecture == "MixtralForCausalLM":
+            # Mixtral's experts are as wide as its `intermediate_size`, every layer is sparse and the
+            # top-k weights are always renormalised (its config has no switch for it).
+            return cls(
+                num_experts=int(d[key]),
+                top_k=int(d["num_experts_per_tok"]),
+                intermediate_size=int(d["intermediate_size"]),
+                renormalize=True,
+                layers=tuple(range(num_layers)),
+            )._checked()
+        if architecture == "Qwen3MoeForCausalLM":
+            # transformers' rule: a layer is sparse unless listed in mlp_only_layers, and only every
+            # decoder_sparse_step-th layer (counting from 1) is.
+            step = int(d.get("decoder_sparse_step", 1))
+            if step < 1:
+                raise MinisglError(f"decoder_sparse_step must be at least 1, not {step}")
+            dense = set(d.get("mlp_only_layers") or [])
+            num_experts = int(d[key])
+            layers = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+            if num_experts == 0 or not layers:
+                return None  # every layer dense: a plain Qwen3 with its dense MLP
+            return cls(
+                num_experts=num_experts,
+                top_k=int(d["num_experts_per_tok"]),
+                intermediate_size=int(d["moe_intermediate_size"]),
+                renormalize=bool(d.get("norm_topk_prob", False)),
+                layers=layers,
+            )._checked()
+        return None
+
+    def _checked(self) -> MoEConfig:
+        if not 1 <= self.top_k <= self.num_experts:
+            raise MinisglError(
+                f"num_experts_per_tok must be between 1 and the {self.num_experts} experts, not {self.top_k}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     vocab_size: int
@@ -62,6 +122,15 @@ class ModelConfig:
     qk_norm: bool  # qwen3: per-head RMSNorm on q and k before rope
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    moe: MoEConfig | None = None  # None: a dense model
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return self.moe is not None and layer_id in self.moe.layers
+
+    @property
+    def has_dense_mlp(self) -> bool:
+        """Whether any layer keeps the dense MLP (of width `intermediate_size`)."""
+        return self.moe is None or len(self.moe.layers) < self.num_layers
 
     @property
     def q_size(self) -> int:
@@ -86,16 +155,27 @@ class ModelConfig:
                 f"tensor parallelism over {n} ranks needs a number of key/value heads that divides by or "
                 f"divides {n}, but the model has {self.num_kv_heads}"
             )
-        if self.intermediate_size % n:
+        if self.has_dense_mlp and self.intermediate_size % n:
             raise MinisglError(
                 f"tensor parallelism over {n} ranks needs an MLP width that divides by {n}, "
                 f"but the model's is {self.intermediate_size}"
             )
+        moe = self.moe
+        if moe is not None:
+            # Every rank holds a slice of every expert (not whole experts): no token has to move between
+            # ranks, and the block ends in one all-reduce like the dense MLP.
+            if moe.intermediate_size % n:
+                raise MinisglError(
+                    f"tensor parallelism over {n} ranks needs an expert width that divides by {n}, "
+                    f"but the model's is {moe.intermediate_size}"
+                )
+            moe = replace(moe, intermediate_size=moe.intermediate_size // n)
         return replace(
             self,
             num_heads=tp.shard(self.num_heads).size,
             num_kv_heads=tp.shard(self.num_kv_heads).size,
-            intermediate_size=tp.shard(self.intermediate_size).size,
+            intermediate_size=tp.shard(self.intermediate_size).size if self.has_dense_mlp else 0,
+            moe=moe,
         )
 
     @classmethod
@@ -105,12 +185,13 @@ class ModelConfig:
             num_heads = int(d["num_attention_heads"])
             hidden_size = int(d["hidden_size"])
             rope_theta, rope_scaling = _rope(d)
+            num_layers = int(d["num_hidden_layers"])
             return cls(
                 architecture=architecture,
                 vocab_size=int(d["vocab_size"]),
                 hidden_size=hidden_size,
                 intermediate_size=int(d["intermediate_size"]),
-                num_layers=int(d["num_hidden_layers"]),
+                num_layers=num_layers,
                 num_heads=num_heads,
                 num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
                 head_dim=int(d.get("head_dim") or hidden_size // num_heads),
@@ -120,9 +201,10 @@ class ModelConfig:
                 max_position_embeddings=_max_positions(d, architecture),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 qkv_bias=architecture == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
-                qk_norm=architecture == "Qwen3ForCausalLM",
+                qk_norm=architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
                 eos_token_ids=_int_list(d.get("eos_token_id")),
                 bos_token_id=d.get("bos_token_id"),
+                moe=MoEConfig.from_hf(d, architecture, num_layers),
             )
         except KeyError as e:
             raise MinisglError(f"model config is missing the field {e.args[0]!r}") from None
@@ -158,12 +240,16 @@ def _rope(d: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     raise MinisglError(f"unsupported rope scaling type {rope_type!r} (supported: default, llama3)")
 
 
+# Architectures whose attention uses `sliding_window` whenever it is set (Qwen's gate it on a flag).
+_WINDOWED = ("MistralForCausalLM", "MixtralForCausalLM")
+
+
 def _max_positions(d: dict[str, Any], architecture: str) -> int:
     limit = int(d.get("max_position_embeddings", 4096))
     # We always attend over the full context; a model trained with a sliding window (Mistral v0.1)
     # is only exact up to its window, so the window caps the context instead of giving wrong answers.
     window = d.get("sliding_window")
-    if window and (architecture == "MistralForCausalLM" or d.get("use_sliding_window")):
+    if window and (architecture in _WINDOWED or d.get("use_sliding_window")):
         limit = min(limit, int(window))
     return limit
 

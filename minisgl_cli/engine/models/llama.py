@@ -1,8 +1,10 @@
-"""The Llama-family decoder: Llama 2/3.x, SmolLM2, Mistral (dense), Qwen2 and Qwen3.
+"""The Llama-family decoder: Llama 2/3.x, SmolLM2, Mistral, Qwen2, Qwen3, and the mixture-of-experts
+Qwen3-MoE (Qwen3's attention) and Mixtral (Mistral's attention).
 
 These differ only in flags that ModelConfig derives from the HF config: Qwen2 adds a bias to the q/k/v
 projection (`qkv_bias`), Qwen3 normalises q and k per head before rope (`qk_norm`), Llama 3.1 scales
-rope frequencies (`rope_scaling`). So one implementation serves them all instead of three near-copies.
+rope frequencies (`rope_scaling`), the MoE models swap the MLP of their sparse layers for a SparseMoE
+(`config.moe`). So one implementation serves them all instead of near-copies.
 
 Every module takes the whole model's config and the TP group, and holds its rank's share: whole query
 heads (KV heads split alike, or replicated when fewer than the ranks), a slice of the MLP width and of the
@@ -21,6 +23,7 @@ from minisgl_cli.engine.fused_rope_store import can_fuse, qkv_rope_store
 from minisgl_cli.engine.layers.activation import silu_and_mul
 from minisgl_cli.engine.layers.embedding import Embedding, LMHead
 from minisgl_cli.engine.layers.linear import MergedLinear, RowParallelLinear
+from minisgl_cli.engine.layers.moe import SparseMoE
 from minisgl_cli.engine.layers.rmsnorm import RMSNorm
 from minisgl_cli.engine.layers.rope import RotaryEmbedding
 from minisgl_cli.engine.models.config import ModelConfig
@@ -93,7 +96,11 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, tp: TPGroup) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_id, tp)
-        self.mlp = MLP(config, tp)
+        self.mlp: MLP | SparseMoE
+        if config.moe is not None and config.is_moe_layer(layer_id):
+            self.mlp = SparseMoE(config.moe, config.hidden_size, tp)
+        else:
+            self.mlp = MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -137,13 +144,19 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     # Checkpoint sub-module name -> (our fused sub-module, its part): the weight loader's renaming table.
+    # Mixtral's experts call gate/up/down w1/w3/w2; an expert's parts are also prefixed by its index
+    # (see layers/moe.py).
     packed_modules: dict[str, tuple[str, str]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
         "gate_proj": ("gate_up_proj", "gate"),
         "up_proj": ("gate_up_proj", "up"),
+        "w1": ("gate_up_proj", "gate"),
+        "w3": ("gate_up_proj", "up"),
     }
+    # Checkpoint sub-module name -> ours, where only the name differs.
+    renamed_modules: dict[str, str] = {"block_sparse_moe": "mlp", "w2": "down_proj"}
 
     def __init__(self, config: ModelConfig, max_context_len: int, tp: TPGroup) -> None:
         super().__init__()

@@ -18,6 +18,8 @@ MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": LlamaForCausalLM,  # config.moe swaps in the sparse MLP
+    "MixtralForCausalLM": LlamaForCausalLM,
 }
 
 

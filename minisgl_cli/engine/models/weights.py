@@ -76,7 +76,8 @@ def _parameter_slices(model: nn.Module) -> dict[str, list[WeightSlice]]:
 
 @torch.no_grad()
 def load_weights(model: LlamaForCausalLM, weights_dir: Path) -> None:
-    """Copy an HF checkpoint into `model`, fusing q/k/v and gate/up parts into their merged parameters.
+    """Copy an HF checkpoint into `model`, fusing q/k/v and gate/up parts into their merged parameters
+    and stacking a MoE layer's per-expert tensors into its experts' parameters.
 
     Under tensor parallelism each rank reads only its slices from the files, never a whole tensor it
     does not own. Every parameter must be covered exactly once; a missing, unknown or misshapen tensor
@@ -110,12 +111,21 @@ def load_weights(model: LlamaForCausalLM, weights_dir: Path) -> None:
 
 
 def _our_name(model: LlamaForCausalLM, name: str) -> tuple[str, str | None]:
-    """HF tensor name -> (our parameter name, part of a merged parameter or None)."""
-    *prefix, module, kind = name.split(".")
+    """HF tensor name -> (our parameter name, part of a merged parameter or None).
+
+    An expert's tensor (`...experts.<e>.<module>.weight`) goes to the experts' stacked parameter
+    (`...experts.gate_up_proj`, `...experts.down_proj`: transformers' own names for them), as part
+    "<e>.<part>" ("<e>" for the unmerged down projection)."""
+    *prefix, module, kind = (model.renamed_modules.get(p, p) for p in name.split("."))
+    expert = None
+    if len(prefix) >= 2 and prefix[-2] == "experts" and prefix[-1].isdigit():
+        expert = prefix.pop()
+    part = None
     if module in model.packed_modules:
-        fused, part = model.packed_modules[module]
-        return ".".join([*prefix, fused, kind]), part
-    return name, None
+        module, part = model.packed_modules[module]
+    if expert is not None:
+        return ".".join([*prefix, module]), expert if part is None else f"{expert}.{part}"
+    return ".".join([*prefix, module, kind]), part
 
 
 @torch.no_grad()
@@ -132,19 +142,17 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue
-        pieces = slices[name]
-        dim = pieces[0].dim
-        full = list(param.shape)
-        full[dim] = sum(p.source.full for p in pieces)
-        if full == list(param.shape):  # the whole tensor (one rank): fill it in place
-            param.normal_(0.0, 0.02, generator=generator)
-            continue
-        # Draw the unsplit tensor (parts side by side, as one rank holds them) and keep this rank's
-        # slices, so that a rank's values do not depend on how many ranks there are.
-        whole = torch.empty(full, dtype=param.dtype, device=param.device).normal_(
-            0.0, 0.02, generator=generator
-        )
-        offset = 0
-        for piece in pieces:
-            piece.dest.copy_(whole.narrow(dim, offset + piece.source.start, piece.source.size))
-            offset += piece.source.full
+        for piece in slices[name]:
+            # Each checkpoint tensor is drawn whole and this rank keeps its slice, so that a rank's values
+            # do not depend on how many ranks there are. A whole, contiguous piece is filled in place
+            # (the same numbers, without a copy of an 8B model's largest tensors).
+            src = piece.source
+            if src.size == src.full and piece.dest.is_contiguous():
+                piece.dest.normal_(0.0, 0.02, generator=generator)
+                continue
+            full = list(piece.dest.shape)
+            full[piece.dim] = src.full
+            whole = torch.empty(full, dtype=param.dtype, device=param.device).normal_(
+                0.0, 0.02, generator=generator
+            )
+            piece.dest.copy_(whole.narrow(piece.dim, src.start, src.size))
