@@ -22,11 +22,16 @@ import torch.nn.functional as F
 
 from minisgl_cli.engine.kernels import have_triton, use_kernels
 
-# The launch shape that streamed best over all the measured projections (block_n 16 against 4 and 8, block_k
-# 1024 against 256 and 512, 4 warps against 8; pipelining stages made no difference).
+# The launch shape that streamed best over all the measured projections of 4096 rows and more (block_n 16
+# against 4 and 8, block_k 1024 against 256 and 512, 4 warps against 8; pipelining stages made no difference).
 BLOCK_N = 16
 BLOCK_K = 1024
 NUM_WARPS = 4
+# Fewer rows than that leave too few programs of 16 rows to keep the memory busy: one row a program there
+# (scripts/moe_bench.py, H200: Qwen3-30B-A3B's o_proj 2048 x 4096 7.65 -> 5.91 us, its router 128 x 2048
+# 3.53 -> 2.53 us).
+SMALL_N = 4096
+SMALL_BLOCK_N = 1
 
 
 @functools.cache
@@ -57,11 +62,13 @@ def _kernel():  # type: ignore[no-untyped-def]
     return gemv
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, block_n: int | None = None,
          block_k: int = BLOCK_K, num_warps: int = NUM_WARPS) -> torch.Tensor:  # fmt: skip
     """x [1, K] @ weight [N, K]^T (+ bias) through the Triton kernel; the launch shape can be overridden
     (scripts/gemv_bench.py sweeps it)."""
     n, k = weight.shape
+    if block_n is None:
+        block_n = BLOCK_N if n >= SMALL_N else SMALL_BLOCK_N
     if x.shape != (1, k) or not (x.is_contiguous() and weight.is_contiguous()):
         raise ValueError(
             f"gemv takes one contiguous row of {k} and a contiguous [N, {k}] weight, got {tuple(x.shape)}"
