@@ -17,6 +17,7 @@ from minisgl_cli.engine.graphs import CudaGraphRunner
 from minisgl_cli.engine.kv.allocator import PageAllocator
 from minisgl_cli.engine.kv.page_table import PageTable
 from minisgl_cli.engine.kv.pool import KVPool
+from minisgl_cli.engine.layers.moe import fused as moe_fused
 from minisgl_cli.engine.models.config import ModelConfig
 from minisgl_cli.engine.models.registry import build_model, count_parameters
 from minisgl_cli.engine.models.weights import init_dummy_weights, load_weights
@@ -123,10 +124,14 @@ class ModelRunner:
             return None
         if not self.tp.capturable:  # ranks on one GPU over gloo (tp_ranks.ONE_GPU_ENV): run eagerly
             return None
-        if self.model_config.moe is not None:
+        if self.model_config.moe is not None and not moe_fused(
+            torch.empty(1, 1, dtype=self.dtype, device=self.device)
+        ):
             # The MoE block's torch path reads each expert's token count on the host (layers/moe.py), which a
-            # graph cannot capture; a fused MoE kernel is what will let MoE decode replay.
-            log.info("mixture-of-experts model: decode runs without CUDA graphs")
+            # graph cannot capture; only its fused kernels (layers/fused_moe.py, Triton) replay.
+            log.info(
+                "mixture-of-experts model without Triton's fused kernels: decode runs without CUDA graphs"
+            )
             return None
         return CudaGraphRunner(
             self.model, decode, max_batch_size=max_batch_size, max_context_len=max_context_len

@@ -7,6 +7,9 @@ in two parameters, gate|up [E, 2 * I, H] and down [E, H, I], the layout a fused 
 Tensor parallelism splits every expert's width I the way the dense MLP splits its own: each rank holds
 rows of gate and up and the matching columns of down, so every rank routes every token itself (the router
 is replicated), and the block's partial sums meet in one all-reduce, as after the dense MLP.
+
+On CUDA with Triton the block runs as fused kernels (layers/fused_moe.py): no host sync, so it replays under
+CUDA graphs. The loop over experts here is the reference and the CPU path.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 from torch import nn
 
 from minisgl_cli.engine.distributed import TPGroup, WeightSlice
+from minisgl_cli.engine.kernels import have_triton, use_kernels
+from minisgl_cli.engine.layers import fused_moe
 from minisgl_cli.engine.layers.activation import silu_and_mul
 from minisgl_cli.engine.layers.gemv import linear
 from minisgl_cli.engine.layers.linear import Linear
@@ -91,6 +96,19 @@ class SparseMoE(nn.Module):
         self.experts = Experts(moe.num_experts, hidden_size, moe.intermediate_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        logits = self.gate(x)
+        if fused(x):
+            experts = self.experts
+            out = fused_moe.moe_block(
+                x, logits, experts.gate_up_proj, experts.down_proj, self.top_k, self.renormalize
+            )
+            return self.tp.all_reduce(out)
+        weights, ids = route(logits, self.top_k, self.renormalize)
         # Summed in float32 over the k experts, rounded once to the activation dtype, then all-reduced.
         return self.tp.all_reduce(self.experts(x, weights, ids).to(x.dtype))
+
+
+def fused(x: torch.Tensor) -> bool:
+    """Whether the block runs as fused kernels: CUDA, half precision, Triton (MINISGL_NO_KERNELS=1 keeps the
+    reference path, as for every fused layer)."""
+    return use_kernels(x) and have_triton() and x.shape[0] > 0
