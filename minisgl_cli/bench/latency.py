@@ -189,16 +189,26 @@ def _step(scheduler: Scheduler) -> None:
 
 @dataclass(frozen=True)
 class DecodeTraffic:
-    """What a decode step must read from memory, whatever the implementation."""
+    """What a decode step must read from memory, whatever the implementation.
 
-    weight_bytes: int  # read once per step
+    A mixture-of-experts model reads only the experts its tokens were routed to: at batch B, an expert
+    of a layer is read when any of the B tokens picked it among its k of E, so on average
+    E * (1 - (1 - k / E) ** B) experts a layer (routing spread evenly, as a trained router's load balancing
+    aims for and dummy weights give): exactly k at batch 1, all E from a few dozen tokens up.
+    """
+
+    weight_bytes: int  # read once per step: everything but the experts (and the embedding table)
     kv_bytes_per_token: int  # K and V of one position, all layers
+    expert_bytes: int = 0  # one expert of every sparse layer
+    num_experts: int = 0
+    top_k: int = 0
 
     @classmethod
     def of_model(cls, config: ModelConfig, dtype: torch.dtype) -> DecodeTraffic:
         import torch
 
         from minisgl_cli.engine.kv.pool import KVPool
+        from minisgl_cli.engine.layers.moe import Experts
         from minisgl_cli.engine.models.registry import build_model, count_parameters
 
         # On the meta device: counts shapes, allocates nothing.
@@ -206,17 +216,36 @@ class DecodeTraffic:
         params = count_parameters(meta)
         if not config.tie_word_embeddings:
             params -= config.vocab_size * config.hidden_size  # the embedding table: only B rows are read
+        experts = [m for m in meta.modules() if isinstance(m, Experts)]
+        expert_params = sum(count_parameters(m) for m in experts)
+        moe = config.moe
         return cls(
-            weight_bytes=params * dtype.itemsize,
+            weight_bytes=(params - expert_params) * dtype.itemsize,
             kv_bytes_per_token=KVPool.bytes_per_token(
                 config.num_layers, config.num_kv_heads, config.head_dim, dtype
             ),
+            expert_bytes=0 if moe is None else expert_params // moe.num_experts * dtype.itemsize,
+            num_experts=0 if moe is None else moe.num_experts,
+            top_k=0 if moe is None else moe.top_k,
         )
 
-    def decode_bytes(self, batch_size: int, input_len: int, decode_steps: int) -> int:
+    def experts_read(self, batch_size: int) -> float:
+        """Experts a sparse layer reads in a step of `batch_size` tokens, on average (0 for a dense model)."""
+        if self.num_experts == 0:
+            return 0.0
+        return self.num_experts * (1.0 - (1.0 - self.top_k / self.num_experts) ** batch_size)
+
+    def step_weight_bytes(self, batch_size: int) -> float:
+        """Weight bytes one decode step of `batch_size` tokens reads."""
+        return self.weight_bytes + self.expert_bytes * self.experts_read(batch_size)
+
+    def decode_bytes(self, batch_size: int, input_len: int, decode_steps: int) -> float:
         """Bytes read by all decode steps: decode step i (from 1) attends to input_len + i positions."""
         positions = decode_steps * input_len + decode_steps * (decode_steps + 1) // 2
-        return decode_steps * self.weight_bytes + batch_size * positions * self.kv_bytes_per_token
+        return (
+            decode_steps * self.step_weight_bytes(batch_size)
+            + batch_size * positions * self.kv_bytes_per_token
+        )
 
 
 def streaming_bandwidth(device: torch.device) -> float | None:

@@ -273,8 +273,15 @@ def latency(
     title = f"bench latency: {setup.source.name}"
     _print(title, latency_table(results), comparisons)
     if bandwidth is not None:
+        weights = f"weights ({traffic.weight_bytes / 1e9:.2f} GB)"
+        if traffic.num_experts:
+            weights = (
+                f"weights ({traffic.weight_bytes / 1e9:.2f} GB besides the experts, plus "
+                f"{traffic.expert_bytes / 1e9:.3f} GB for each of the experts a layer's tokens pick: "
+                f"{traffic.experts_read(1):.0f} of {traffic.num_experts} at batch 1)"
+            )
         ui.console.print(
-            f"roofline: weights ({traffic.weight_bytes / 1e9:.2f} GB) and K/V read once per decode step at "
+            f"roofline: {weights} and K/V read once per decode step at "
             f"{bandwidth / 1e12:.2f} TB/s, the bf16 GEMV streaming rate measured in this run"
             + (f" on one GPU, times {engine.tp} (--tp)" if engine.tp > 1 else ""),
             highlight=False,
