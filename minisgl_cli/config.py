@@ -174,6 +174,11 @@ class EngineConfig(_Section):
         "Decode the running requests in the same steps as prefill chunks (off: prefill steps run alone).",
     )
     tp: int = setting(1, "Tensor-parallel degree (number of GPUs).", min=1)
+    ep: bool = setting(
+        False,
+        "Expert parallelism for mixture-of-experts models: the --tp ranks hold whole experts, a share each, "
+        "instead of a slice of every expert.",
+    )
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisgl_cli.engine.distributed import TPGroup
+from minisgl_cli.engine.distributed import Shard, TPGroup
 from minisgl_cli.engine.layers import fused_moe
 from minisgl_cli.engine.layers.moe import SparseMoE, fused, route
 from minisgl_cli.engine.models.config import MoEConfig
@@ -113,6 +113,39 @@ def check_interpreted() -> int:
             assert got.shape == want.shape and got.dtype == want.dtype
             assert float((got - want).abs().max() / want.abs().max()) < 1e-5, (i, shape)
             checked += 1
+    return checked + check_interpreted_expert_parallel()
+
+
+def check_interpreted_expert_parallel() -> int:
+    """Two ranks holding half of the experts each: their partial sums, by either path, add up to the block."""
+    checked = 0
+    for i, (tokens, experts, top_k, hidden, width, renormalize) in enumerate(CPU_CASES):
+        if experts % 2:
+            continue
+        block = _block(experts, top_k, hidden, width, renormalize, seed=i)
+        x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(i))
+        logits = block.gate(x)
+        want = _loop(block, x)
+        for tiles in (fused_moe.LaunchShape(16, 16, 16), None):
+            total = torch.zeros_like(want)
+            for rank in range(2):
+                local = Shard(rank * experts // 2, experts // 2, experts)
+                rows = slice(local.start, local.start + local.size)
+                gate_up, down = block.experts.gate_up_proj[rows], block.experts.down_proj[rows]
+                if tiles is None:
+                    total += fused_moe.pair_experts(
+                        x, logits, gate_up, down, top_k, renormalize, base=local.start
+                    )[0]
+                else:
+                    weights, ids, counts, ranks = fused_moe.fused_route(logits, top_k, renormalize, local)
+                    assert int(counts.sum()) == int(
+                        ((ids >= local.start) & (ids < local.start + local.size)).sum()
+                    )
+                    total += fused_moe.fused_experts(
+                        x, gate_up, down, weights, ids, counts, ranks, tiles, local=local
+                    )
+            assert float((total - want).abs().max() / want.abs().max()) < 1e-5, (i, tiles)
+            checked += 1
     return checked
 
 
@@ -121,7 +154,8 @@ def test_interpreted_kernels_equal_the_torch_path() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip() == f"{len(CPU_CASES) * (len(SHAPES) + 2)} cases equal"
+    with_ep = sum(1 for case in CPU_CASES if case[1] % 2 == 0)
+    assert done.stdout.strip() == f"{len(CPU_CASES) * (len(SHAPES) + 2) + 2 * with_ep} cases equal"
 
 
 @pytest.mark.parametrize(("pairs", "experts"), [(1, 8), (8, 128), (2048, 128), (65536, 128), (100, 3)])
@@ -159,6 +193,26 @@ def test_gpu_fused_block_is_as_close_to_float64_as_the_torch_path(
     assert err_fused < max(1.2 * err_loop, 5e-3), (err_fused, err_loop)
     assert float((got.double() - loop.double()).norm() / loop.double().norm()) < 1e-2
     assert torch.equal(block(x), block(x))
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 64, 1000])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_expert_parallel_partial_sums_add_up(tokens: int) -> None:
+    """Four ranks of 32 whole experts each (--ep): their partial sums add up to the one-rank block within
+    the roundings of the partial sums (each rank rounds its own to bf16)."""
+    block = _block(128, 8, 2048, 768, True, seed=tokens).to("cuda", torch.bfloat16)
+    x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    logits = block.gate(x)
+    want = block(x)
+    total = torch.zeros_like(want, dtype=torch.float32)
+    for rank in range(4):
+        local = Shard(rank * 32, 32, 128)
+        rows = slice(local.start, local.start + 32)
+        total += fused_moe.moe_block(
+            x, logits, block.experts.gate_up_proj[rows], block.experts.down_proj[rows], 8, True, local
+        ).float()
+    assert float((total - want.float()).norm() / want.float().norm()) < 1e-2
 
 
 @pytest.mark.gpu

@@ -25,7 +25,7 @@ from minisgl_cli.engine.models.config import ModelConfig, MoEConfig
 from minisgl_cli.engine.models.registry import build_model, count_parameters
 from minisgl_cli.engine.models.shapes import BUILTIN_SHAPES
 from minisgl_cli.engine.request import SamplingParams
-from minisgl_cli.errors import MinisglError
+from minisgl_cli.errors import MinisglError, UsageError
 
 QWEN3_MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 MIXTRAL = {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48}
@@ -177,6 +177,10 @@ def test_two_ranks_match_one(tiny: dict[str, Path], tmp_path: Path) -> None:
         name: (_config(tiny[name]), tiny[name]) for name in TP_CASES if name != "dummy"
     }
     cases["dummy"] = (ModelConfig.from_hf(DUMMY_HF), None)
+    # Expert parallelism: each rank holds half of the experts whole (dummy weights: the same values).
+    for name in ("qwen3-moe-renorm", "mixtral", "dummy"):
+        config, path = cases[name]
+        cases[f"{name}-ep"] = (config.with_expert_parallel(True, 2), path)
     mp.spawn(_rank_main, args=(str(tmp_path / "init"), cases, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for name, (config, path) in cases.items():
@@ -212,6 +216,31 @@ def test_builtin_moe_shapes_split_their_experts(name: str, ranks: int) -> None:
     replicated += config.hidden_size + (2 * config.num_layers * config.head_dim if config.qk_norm else 0)
     part = count_parameters(build_model(config, 16, dtype=torch.bfloat16, device=meta, tp=TPGroup(1, ranks)))
     assert part == (full - replicated) // ranks + replicated
+
+
+def test_expert_parallel_shapes_hold_whole_experts() -> None:
+    """--ep at the real shape: each of 4 ranks holds 32 of qwen3-30b-a3b's 128 experts at full width."""
+    config = ModelConfig.from_hf(BUILTIN_SHAPES["qwen3-30b-a3b"])
+    assert config.moe is not None
+    ep = config.with_expert_parallel(True, 4)
+    model = build_model(ep, 16, dtype=torch.bfloat16, device=torch.device("meta"), tp=TPGroup(2, 4))
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (32, 2 * 768, 2048) and experts.down_proj.shape == (32, 2048, 768)
+    assert (experts.local.start, experts.local.size, experts.local.full) == (64, 32, 128)
+    assert ep.for_rank(TPGroup(2, 4)).moe == ep.moe  # widths unsplit
+
+
+def test_expert_parallel_that_cannot_apply_is_refused() -> None:
+    config = ModelConfig.from_hf(DUMMY_HF)  # 8 experts
+    with pytest.raises(UsageError, match="give --tp 2 or more"):
+        config.with_expert_parallel(True, 1)
+    six = ModelConfig.from_hf({**DUMMY_HF, "num_experts": 6}).with_expert_parallel(True, 4)
+    with pytest.raises(MinisglError, match="number of experts that divides by 4, but the model has 6"):
+        six.for_rank(TPGroup(rank=0, size=4))
+    dense = ModelConfig.from_hf({**DUMMY_HF, "architectures": ["Qwen3ForCausalLM"]})
+    with pytest.raises(UsageError, match="this model has none"):
+        dense.with_expert_parallel(True, 2)
+    assert config.with_expert_parallel(False, 1) is config
 
 
 def test_expert_width_that_does_not_split_is_refused() -> None:

@@ -56,13 +56,15 @@ class RankPlace:
 def check_tp(cfg: EngineConfig, source: ModelSource, ranks_here: int) -> None:
     """Refuse a tensor-parallel set-up that cannot work, before any rank starts: more ranks on this machine
     than GPUs, one GPU named for several ranks, or a model whose heads or MLP do not split over the ranks."""
+    from minisgl_cli.engine.distributed import TPGroup
+    from minisgl_cli.engine.models.config import ModelConfig
+
+    model_config = ModelConfig.from_hf(source.hf_config).with_expert_parallel(cfg.ep, cfg.tp)
     if cfg.tp == 1:
         return
     import torch
 
     from minisgl_cli.engine.device import resolve_device
-    from minisgl_cli.engine.distributed import TPGroup
-    from minisgl_cli.engine.models.config import ModelConfig
 
     device = resolve_device(cfg.device)
     if device.type == "cuda" and not one_gpu():
@@ -78,7 +80,7 @@ def check_tp(cfg: EngineConfig, source: ModelSource, ranks_here: int) -> None:
                 f"--tp {cfg.tp} runs {plural(ranks_here, 'rank')}{where}, one per GPU, but CUDA sees "
                 f"{plural(count, 'GPU')}"
             )
-    ModelConfig.from_hf(source.hf_config).for_rank(TPGroup(rank=0, size=cfg.tp))
+    model_config.for_rank(TPGroup(rank=0, size=cfg.tp))
 
 
 def join(cfg: EngineConfig, place: RankPlace) -> tuple[EngineConfig, TPGroup]:

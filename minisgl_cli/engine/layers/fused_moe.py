@@ -39,6 +39,8 @@ import functools
 
 import torch
 
+from minisgl_cli.engine.distributed import Shard
+
 
 @dataclasses.dataclass(frozen=True)
 class LaunchShape:
@@ -86,19 +88,22 @@ def _pow2(n: int) -> int:
 
 
 def fused_route(
-    router_logits: torch.Tensor, top_k: int, renormalize: bool
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, local: Shard | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> float32 weights [T, k], int32 expert ids [T, k], the per-expert pair counts
-    [E] and each pair's rank among its expert's pairs [T * k] (one launch)."""
+    """Router logits [T, E] -> float32 weights [T, k], int32 expert ids [T, k], the pair counts of the
+    experts this rank holds (`local`; all E without expert parallelism) and each of their pairs' rank among
+    its expert's pairs [T * k] (one launch)."""
     logits = router_logits.contiguous()
     tokens, experts = logits.shape
+    local = local or Shard(0, experts, experts)
     device = logits.device
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
     ids = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
-    counts = torch.zeros(experts, dtype=torch.int32, device=device)
+    counts = torch.zeros(local.size, dtype=torch.int32, device=device)
     ranks = torch.empty(tokens * top_k, dtype=torch.int32, device=device)
     _kernels().route[(-(-tokens // _ROUTE_BLOCK_T),)](
-        logits, weights, ids, counts, ranks, tokens, experts, TOP_K=top_k, RENORMALIZE=renormalize,
+        logits, weights, ids, counts, ranks, tokens, experts, local.start, local.size, TOP_K=top_k,
+        RENORMALIZE=renormalize,
         BLOCK_T=_ROUTE_BLOCK_T, BLOCK_E=_pow2(experts), BLOCK_K=_pow2(top_k), num_warps=4,
     )  # fmt: skip
     return weights, ids, counts, ranks
@@ -132,14 +137,17 @@ def pair_experts(
     top_k: int,
     renormalize: bool,
     shape: RowShape | None = None,
+    base: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block for a few tokens, routing included: one program per pair and block of the expert's rows
     for gate/up (each routes its token itself), one per token and block of outputs for down (which also
     sums the token's k experts). Two launches. Returns the output [T, H] and the routing weights and ids
-    [T, k] the first launch wrote."""
+    [T, k] the first launch wrote. Under expert parallelism `gate_up` and `down` hold experts base.. of the
+    router's E, and the output sums only those."""
     shape = shape or RowShape()
     tokens, hidden = x.shape
-    experts, width2, _ = gate_up.shape
+    experts = router_logits.shape[1]
+    local_experts, width2, _ = gate_up.shape
     width = width2 // 2
     device = x.device
     kernels = _kernels()
@@ -148,13 +156,14 @@ def pair_experts(
     ids = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
     act = torch.empty(tokens * top_k, width, dtype=x.dtype, device=device)
     kernels.pair_gate_up[(tokens * top_k, -(-width // shape.up_block_n))](
-        x, gate_up, router_logits.contiguous(), ids, weights, act, width, hidden, experts, TOP_K=top_k,
+        x, gate_up, router_logits.contiguous(), ids, weights, act, width, hidden, experts, base, local_experts,
+        TOP_K=top_k,
         RENORMALIZE=renormalize, BLOCK_E=_pow2(experts), BLOCK_J=_pow2(top_k), BLOCK_N=shape.up_block_n,
         BLOCK_K=shape.up_block_k, num_warps=shape.num_warps,
     )  # fmt: skip
     out = torch.empty(tokens, hidden, dtype=x.dtype, device=device)
     kernels.token_down[(tokens, -(-hidden // shape.down_block_n))](
-        act, down, ids, weights, out, hidden, width, TOP_K=top_k, BLOCK_J=_pow2(top_k),
+        act, down, ids, weights, out, hidden, width, base, local_experts, TOP_K=top_k, BLOCK_J=_pow2(top_k),
         BLOCK_N=shape.down_block_n, BLOCK_K=shape.down_block_k, num_warps=shape.num_warps,
     )  # fmt: skip
     return out, weights, ids
@@ -167,12 +176,15 @@ def moe_block(
     down: torch.Tensor,
     top_k: int,
     renormalize: bool,
+    local: Shard | None = None,
 ) -> torch.Tensor:
-    """The whole block after the router's GEMM, by the path that suits the step's token count."""
+    """The whole block after the router's GEMM, by the path that suits the step's token count; `local`:
+    the experts `gate_up` and `down` hold (expert parallelism), all of them by default."""
     if x.shape[0] <= PAIR_MAX_TOKENS:
-        return pair_experts(x, router_logits, gate_up, down, top_k, renormalize)[0]
-    weights, ids, counts, ranks = fused_route(router_logits, top_k, renormalize)
-    return fused_experts(x, gate_up, down, weights, ids, counts, ranks)
+        base = 0 if local is None else local.start
+        return pair_experts(x, router_logits, gate_up, down, top_k, renormalize, base=base)[0]
+    weights, ids, counts, ranks = fused_route(router_logits, top_k, renormalize, local)
+    return fused_experts(x, gate_up, down, weights, ids, counts, ranks, local=local)
 
 
 def fused_experts(
@@ -184,15 +196,18 @@ def fused_experts(
     counts: torch.Tensor,
     ranks: torch.Tensor,
     shape: LaunchShape | None = None,
+    local: Shard | None = None,
 ) -> torch.Tensor:
     """x [T, H], stacked gate|up [E, 2I, H] and down [E, H, I], routing from `fused_route` -> the block's
-    output [T, H] in x's dtype (this rank's partial sum under tensor parallelism)."""
+    output [T, H] in x's dtype (this rank's partial sum under tensor parallelism). Under expert parallelism
+    the weights hold the experts `local` of the router's, and the output sums only theirs."""
     tokens, hidden = x.shape
     experts, width2, _ = gate_up.shape
+    local = local or Shard(0, experts, experts)
     width = width2 // 2
     top_k = ids.shape[1]
     pairs = tokens * top_k
-    shape = shape or launch_shape(pairs, experts)
+    shape = shape or launch_shape(pairs, local.full)
     blocks = max_blocks(pairs, experts, shape.block_m)
     device = x.device
     sorted_pairs = torch.empty(blocks * shape.block_m, dtype=torch.int32, device=device)
@@ -200,7 +215,7 @@ def fused_experts(
     block_rows = torch.empty(blocks, dtype=torch.int32, device=device)
     kernels = _kernels()
     kernels.align[(-(-pairs // _ALIGN_BLOCK_P),)](
-        ids, ranks, counts, sorted_pairs, block_expert, block_rows, pairs, experts, blocks,
+        ids, ranks, counts, sorted_pairs, block_expert, block_rows, pairs, experts, local.start, blocks,
         BLOCK_M=shape.block_m, BLOCK_E=_pow2(experts), BLOCK_P=_ALIGN_BLOCK_P, BLOCK_B=_ALIGN_BLOCK_B,
         num_warps=4,
     )  # fmt: skip
@@ -211,7 +226,9 @@ def fused_experts(
         ROWS_PER_A=top_k, GATED=True, WEIGHTED=False, BLOCK_M=shape.block_m, BLOCK_N=shape.block_n,
         BLOCK_K=shape.block_k, num_warps=shape.num_warps, num_stages=shape.num_stages,
     )  # fmt: skip
-    out = torch.empty(pairs, hidden, dtype=x.dtype, device=device)
+    # Pairs of other ranks' experts are never written: zeros, so that the sum below leaves them out.
+    new = torch.empty if local.size == local.full else torch.zeros
+    out = new(pairs, hidden, dtype=x.dtype, device=device)
     kernels.expert_gemm[(blocks, -(-hidden // shape.block_n))](
         act, down, out, sorted_pairs, block_expert, block_rows, weights, hidden, width,
         ROWS_PER_A=1, GATED=False, WEIGHTED=True, BLOCK_M=shape.block_m, BLOCK_N=shape.block_n,

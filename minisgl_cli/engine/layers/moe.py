@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minisgl_cli.engine.distributed import TPGroup, WeightSlice
+from minisgl_cli.engine.distributed import Shard, TPGroup, WeightSlice
 from minisgl_cli.engine.kernels import have_triton, use_kernels
 from minisgl_cli.engine.layers import fused_moe
 from minisgl_cli.engine.layers.activation import silu_and_mul
@@ -37,41 +37,69 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
 
 
 class Experts(nn.Module):
-    """The experts' stacked weights, this rank's slice of each expert's width."""
+    """The experts' stacked weights: this rank's slice of every expert's width, or under expert parallelism
+    its share of whole experts (`local`: which of the model's experts it holds)."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, tp: TPGroup) -> None:
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, tp: TPGroup, expert_parallel: bool
+    ) -> None:
         super().__init__()
-        self.source = tp.shard(intermediate_size)  # this rank's rows of gate and up, columns of down
+        if expert_parallel:
+            self.local = tp.shard(num_experts)
+            self.source = Shard(0, intermediate_size, intermediate_size)
+        else:
+            self.local = Shard(0, num_experts, num_experts)
+            self.source = tp.shard(intermediate_size)  # this rank's rows of gate and up, columns of down
         width = self.source.size
         self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, 2 * width, hidden_size), requires_grad=False
+            torch.empty(self.local.size, 2 * width, hidden_size), requires_grad=False
         )
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, width), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(self.local.size, hidden_size, width), requires_grad=False)
 
     def weight_slices(self) -> dict[str, list[WeightSlice]]:
         """Checkpoints store each expert's gate, up and down apart; the parts are named "<expert>.gate",
-        "<expert>.up" and "<expert>" (down), and each is a slice of the unsplit expert's tensor."""
+        "<expert>.up" and "<expert>" (down), and each is a slice of the unsplit expert's tensor. Another
+        rank's experts (expert parallelism) are listed with a meta-device `dest`: the loader skips them and
+        dummy weights draw them anyway, so every rank's experts get the values they get on one rank."""
         width = self.source.size
         gate_up: list[WeightSlice] = []
         down: list[WeightSlice] = []
-        for e in range(self.gate_up_proj.shape[0]):
-            gate_up.append(WeightSlice(f"{e}.gate", 0, self.gate_up_proj[e, :width], self.source))
-            gate_up.append(WeightSlice(f"{e}.up", 0, self.gate_up_proj[e, width:], self.source))
-            down.append(WeightSlice(str(e), 1, self.down_proj[e], self.source))
+        for e in range(self.local.full):
+            mine = self.local.start <= e < self.local.start + self.local.size
+            if mine:
+                stacked, stacked_down = (
+                    self.gate_up_proj[e - self.local.start],
+                    self.down_proj[e - self.local.start],
+                )
+            else:
+                stacked = torch.empty(
+                    self.gate_up_proj.shape[1:], dtype=self.gate_up_proj.dtype, device="meta"
+                )
+                stacked_down = torch.empty(
+                    self.down_proj.shape[1:], dtype=self.down_proj.dtype, device="meta"
+                )
+            gate_up.append(WeightSlice(f"{e}.gate", 0, stacked[:width], self.source))
+            gate_up.append(WeightSlice(f"{e}.up", 0, stacked[width:], self.source))
+            down.append(WeightSlice(str(e), 1, stacked_down, self.source))
         return {"gate_up_proj": gate_up, "down_proj": down}
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], routing weights and expert ids [T, k] -> this rank's partial sum [T, H] (float32).
 
-        The reference path: sort the (token, expert) pairs by expert and run each expert that received
-        tokens on just those rows. It reads the per-expert counts on the host, a sync a fused GPU kernel
-        avoids; on the CPU it is the fast way (no wasted rows, no padding)."""
+        The reference path: sort the (token, expert) pairs by expert and run each of this rank's experts
+        that received tokens on just those rows. It reads the per-expert counts on the host, a sync a fused
+        GPU kernel avoids; on the CPU it is the fast way (no wasted rows, no padding)."""
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        flat_ids = ids.flatten()
-        order = torch.argsort(flat_ids, stable=True)
-        tokens = order // ids.shape[1]  # the token of each sorted pair
-        pair_weights = weights.flatten()[order]
-        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
+        local_ids = ids.flatten() - self.local.start
+        mine = (local_ids >= 0) & (local_ids < self.local.size)
+        pairs = torch.nonzero(mine).flatten() if self.local.size < self.local.full else None
+        if pairs is not None:
+            local_ids = local_ids[pairs]
+        order = torch.argsort(local_ids, stable=True)
+        sorted_pairs = order if pairs is None else pairs[order]
+        tokens = sorted_pairs // ids.shape[1]  # the token of each sorted pair
+        pair_weights = weights.flatten()[sorted_pairs]
+        counts = torch.bincount(local_ids, minlength=self.local.size).tolist()
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
@@ -93,14 +121,20 @@ class SparseMoE(nn.Module):
         self.renormalize = moe.renormalize
         self.tp = tp
         self.gate = Linear(hidden_size, moe.num_experts)  # the router: replicated, never split
-        self.experts = Experts(moe.num_experts, hidden_size, moe.intermediate_size, tp)
+        self.experts = Experts(moe.num_experts, hidden_size, moe.intermediate_size, tp, moe.expert_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x)
         if fused(x):
             experts = self.experts
             out = fused_moe.moe_block(
-                x, logits, experts.gate_up_proj, experts.down_proj, self.top_k, self.renormalize
+                x,
+                logits,
+                experts.gate_up_proj,
+                experts.down_proj,
+                self.top_k,
+                self.renormalize,
+                experts.local,
             )
             return self.tp.all_reduce(out)
         weights, ids = route(logits, self.top_k, self.renormalize)

@@ -32,7 +32,7 @@ def pick_top_k(logits, e, e_ok, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, 
 
 
 @triton.jit
-def route(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, T, E, TOP_K: tl.constexpr,
+def route(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, T, E, BASE, LOCAL_E, TOP_K: tl.constexpr,
           RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
@@ -50,12 +50,15 @@ def route(logits_ptr, weights_ptr, ids_ptr, counts_ptr, ranks_ptr, T, E, TOP_K: 
     at = t[:, None] * TOP_K + j[None, :]
     tl.store(ids_ptr + at, picked, mask=ok)
     tl.store(weights_ptr + at, picked_w, mask=ok)
-    # The old count is the pair's rank among its expert's pairs (in whatever order the atomics land).
-    tl.store(ranks_ptr + at, tl.atomic_add(counts_ptr + picked, 1, mask=ok), mask=ok)
+    # The old count is the pair's rank among its expert's pairs (in whatever order the atomics land). Only
+    # this rank's experts [BASE, BASE + LOCAL_E) are counted (all of them without expert parallelism).
+    local = picked - BASE
+    ok = ok & (local >= 0) & (local < LOCAL_E)
+    tl.store(ranks_ptr + at, tl.atomic_add(counts_ptr + local, 1, mask=ok), mask=ok)
 
 
 @triton.jit
-def align(ids_ptr, ranks_ptr, counts_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, P, E, num_blocks,
+def align(ids_ptr, ranks_ptr, counts_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, P, E, BASE, num_blocks,
           BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
           BLOCK_B: tl.constexpr):  # fmt: skip
     e = tl.arange(0, BLOCK_E)
@@ -66,7 +69,8 @@ def align(ids_ptr, ranks_ptr, counts_ptr, sorted_ptr, block_expert_ptr, block_ro
     pid = tl.program_id(0)
     p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < P
-    expert = tl.load(ids_ptr + p, mask=p_ok, other=0)
+    expert = tl.load(ids_ptr + p, mask=p_ok, other=0) - BASE  # E counts this rank's experts only
+    p_ok = p_ok & (expert >= 0) & (expert < E)
     rank = tl.load(ranks_ptr + p, mask=p_ok, other=0)
     start = tl.sum(tl.where(expert[:, None] == e[None, :], starts[None, :], 0), axis=1)
     tl.store(sorted_ptr + start + rank, p, mask=p_ok)
@@ -134,7 +138,8 @@ def expert_gemm(a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, block_rows_
 
 
 @triton.jit
-def pair_gate_up(x_ptr, w_ptr, logits_ptr, ids_ptr, weights_ptr, act_ptr, N, K, E, TOP_K: tl.constexpr,
+def pair_gate_up(x_ptr, w_ptr, logits_ptr, ids_ptr, weights_ptr, act_ptr, N, K, E, BASE, LOCAL_E,
+                 TOP_K: tl.constexpr,
                  RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):  # fmt: skip
     pair = tl.program_id(0)
@@ -150,6 +155,9 @@ def pair_gate_up(x_ptr, w_ptr, logits_ptr, ids_ptr, weights_ptr, act_ptr, N, K, 
     if tl.program_id(1) == 0:
         tl.store(ids_ptr + pair, expert)
         tl.store(weights_ptr + pair, tl.sum(tl.where(mine, picked_w, 0.0)))
+    expert = expert - BASE
+    if (expert < 0) | (expert >= LOCAL_E):
+        return  # another rank's expert (expert parallelism): token_down leaves it out
     expert = expert.to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
@@ -173,15 +181,16 @@ def pair_gate_up(x_ptr, w_ptr, logits_ptr, ids_ptr, weights_ptr, act_ptr, N, K, 
 
 
 @triton.jit
-def token_down(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, N, K, TOP_K: tl.constexpr,
+def token_down(act_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, N, K, BASE, LOCAL_E, TOP_K: tl.constexpr,
                BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     # One program: BLOCK_N outputs of one token over all k of its experts at once ([k, BLOCK_N, BLOCK_K]
     # tiles), so the k experts' rows stream together instead of one after another.
     token = tl.program_id(0)
     j = tl.arange(0, BLOCK_J)
-    j_ok = j < TOP_K
     pair = token * TOP_K + j
-    expert = tl.load(ids_ptr + pair, mask=j_ok, other=0).to(tl.int64)
+    expert = tl.load(ids_ptr + pair, mask=j < TOP_K, other=BASE) - BASE
+    j_ok = (j < TOP_K) & (expert >= 0) & (expert < LOCAL_E)  # this rank's experts only
+    expert = tl.where(j_ok, expert, 0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     k = tl.arange(0, BLOCK_K)

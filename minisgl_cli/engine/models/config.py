@@ -59,6 +59,9 @@ class MoEConfig:
     intermediate_size: int
     renormalize: bool
     layers: tuple[int, ...]  # the layers whose MLP is sparse; the others keep the dense MLP
+    # How tensor-parallel ranks split the experts (a run setting, --ep, not the checkpoint's): False, a
+    # slice of every expert's width on each rank; True, whole experts, num_experts / ranks on each.
+    expert_parallel: bool = False
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], architecture: str, num_layers: int) -> MoEConfig | None:
@@ -140,6 +143,17 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def with_expert_parallel(self, on: bool, ranks: int) -> ModelConfig:
+        """The model with --ep's choice of how the ranks split its experts; MinisglError where --ep cannot
+        apply (a dense model, or a single rank): UsageError."""
+        if not on:
+            return self
+        if self.moe is None:
+            raise UsageError("--ep splits a mixture-of-experts model's experts, and this model has none")
+        if ranks < 2:
+            raise UsageError("--ep splits the experts over the --tp ranks: give --tp 2 or more")
+        return replace(self, moe=replace(self.moe, expert_parallel=True))
+
     def for_rank(self, tp: TPGroup) -> ModelConfig:
         """The model as one of `tp.size` tensor-parallel ranks holds it: its share of the query heads, KV
         heads and MLP width (what its KV pool and attention are sized by). MinisglError if the model does
@@ -161,7 +175,15 @@ class ModelConfig:
                 f"but the model's is {self.intermediate_size}"
             )
         moe = self.moe
-        if moe is not None:
+        if moe is not None and moe.expert_parallel:
+            # Whole experts on each rank; every rank still routes every token and the partial sums meet
+            # in the block's all-reduce, so no token moves between ranks either way.
+            if moe.num_experts % n:
+                raise MinisglError(
+                    f"expert parallelism over {n} ranks needs a number of experts that divides by {n}, "
+                    f"but the model has {moe.num_experts}"
+                )
+        elif moe is not None:
             # Every rank holds a slice of every expert (not whole experts): no token has to move between
             # ranks, and the block ends in one all-reduce like the dense MLP.
             if moe.intermediate_size % n:

@@ -99,11 +99,17 @@ def load_weights(model: LlamaForCausalLM, weights_dir: Path) -> None:
             raise MinisglError(
                 f"tensor {name!r} has shape {tuple(tensor.get_shape())}, the model config expects {tuple(expected)}"
             )
+        if piece.dest.is_meta:
+            continue  # another rank's (an expert under expert parallelism): never read here
         src = piece.source
         index = (slice(None),) * piece.dim + (slice(src.start, src.start + src.size),)
         piece.dest.copy_(tensor[index])
         loaded[target] += piece.dest.numel()
-    missing = [n for n, pieces in slices.items() if loaded[n] != sum(p.dest.numel() for p in pieces)]
+    missing = [
+        n
+        for n, pieces in slices.items()
+        if loaded[n] != sum(p.dest.numel() for p in pieces if not p.dest.is_meta)
+    ]
     if missing:
         raise MinisglError(
             f"the checkpoint at {weights_dir} lacks {plural(len(missing), 'weight')}, e.g. {missing[0]!r}"
@@ -147,6 +153,13 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
             # do not depend on how many ranks there are. A whole, contiguous piece is filled in place
             # (the same numbers, without a copy of an 8B model's largest tensors).
             src = piece.source
+            if piece.dest.is_meta:  # another rank's: drawn all the same, so this rank's draws line up
+                full = list(piece.dest.shape)
+                full[piece.dim] = src.full
+                torch.empty(full, dtype=param.dtype, device=param.device).normal_(
+                    0.0, 0.02, generator=generator
+                )
+                continue
             if src.size == src.full and piece.dest.is_contiguous():
                 piece.dest.normal_(0.0, 0.02, generator=generator)
                 continue
