@@ -7,6 +7,7 @@ permutation, its own block decoders), so the converter is checked against someth
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +15,16 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
+    MixtralConfig,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -249,6 +253,136 @@ def write_raw_tensor_gguf(path: Path, name: str, raw: np.ndarray, qtype: Q) -> P
         writer.add_tensor(name, raw)
     else:
         writer.add_tensor(name, raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# ---------------------------------------------------------------- tiny mixture-of-experts models -> GGUF
+
+
+def tiny_moe_model(arch: str, seed: int = 0) -> PreTrainedModel:
+    """A random Qwen3-MoE (`arch` "qwen3moe") or Mixtral ("llama", as llama.cpp files it): 2 layers,
+    top-2 routing over 8 / 4 experts, weights N(0, 0.2) and norms around 1."""
+    common = dict(
+        vocab_size=len(tiny_vocab()[0]),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
+    if arch == "qwen3moe":
+        # head_dim apart from hidden / heads (16), as in Qwen3; the dense width unused, as llama.cpp has it.
+        config: PretrainedConfig = Qwen3MoeConfig(
+            **common, head_dim=24, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+            norm_topk_prob=True,
+        )  # fmt: skip
+    elif arch == "llama":
+        config = MixtralConfig(**common, head_dim=16, intermediate_size=48, num_local_experts=4)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn_like(param) * 0.2 + (1.0 if name.endswith("norm.weight") else 0.0))
+    return model
+
+
+def hf_checkpoint(model: PreTrainedModel, out: Path) -> dict[str, torch.Tensor]:
+    """`model` saved as an HF directory at `out`, and the tensors of its model.safetensors: per-expert
+    tensors as HF checkpoints have them (transformers 5 stacks experts in memory, not on disk)."""
+    model.save_pretrained(out)
+    return load_file(out / "model.safetensors")
+
+
+# llama.cpp's name for each expert projection, by the HF expert module's.
+_EXPERT_TO_GGUF = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+                   "w1": "ffn_gate", "w3": "ffn_up", "w2": "ffn_down"}  # fmt: skip
+_MOE_LAYER = re.compile(
+    r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.(gate|experts\.(\d+)\.(\w+))\.weight"
+)
+
+
+def moe_gguf_tensors(
+    tensors: dict[str, torch.Tensor], config: PretrainedConfig, arch: str, split_experts: bool = False
+) -> dict[str, np.ndarray]:
+    """An HF MoE checkpoint's tensors by GGUF name, as llama.cpp's convert_hf_to_gguf.py makes them: the
+    router as ffn_gate_inp, each projection's experts stacked into one [experts, ...] ffn_*_exps tensor
+    (or, as older Mixtral files have them, one ffn_*.<e> tensor per expert), llama's q/k permuted."""
+    out: dict[str, np.ndarray] = {}
+    experts: dict[str, dict[int, np.ndarray]] = {}
+    for hf, tensor in tensors.items():
+        values = tensor.float().numpy()
+        match = _MOE_LAYER.fullmatch(hf)
+        if match is None:
+            name = gguf_name(hf)
+            if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+                heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
+                values = llama_cpp_permute(values, heads)
+            out[name] = values
+        elif match[2] == "gate":
+            out[f"blk.{match[1]}.ffn_gate_inp.weight"] = values
+        elif split_experts:
+            out[f"blk.{match[1]}.{_EXPERT_TO_GGUF[match[4]]}.{match[3]}.weight"] = values
+        else:
+            merged = f"blk.{match[1]}.{_EXPERT_TO_GGUF[match[4]]}_exps.weight"
+            experts.setdefault(merged, {})[int(match[3])] = values
+    for name, by_expert in experts.items():
+        out[name] = np.stack([by_expert[e] for e in range(len(by_expert))])
+    return out
+
+
+def write_moe_gguf(
+    path: Path,
+    tensors: dict[str, np.ndarray],
+    config: PretrainedConfig,
+    arch: str,
+    matrix_type: Q = Q.F32,
+    overrides: dict[str, Q] | None = None,
+    metadata: dict[str, int | None] | None = None,
+) -> Path:
+    """Write GGUF-named `tensors` of a tiny MoE model with llama.cpp's metadata for `arch`: matrices (and
+    stacked experts) in `matrix_type` or per name in `overrides`, norms F32. `metadata` replaces the
+    expert keys ("expert_count", "expert_used_count", "expert_feed_forward_length"; None leaves one out)."""
+    num_experts = config.num_experts if arch == "qwen3moe" else config.num_local_experts
+    experts = {"expert_count": num_experts, "expert_used_count": config.num_experts_per_tok}
+    if arch == "qwen3moe":
+        experts["expert_feed_forward_length"] = config.moe_intermediate_size
+    experts.update(metadata or {})
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    for key, value in experts.items():
+        if value is not None:
+            writer.add_uint32(f"{arch}.{key}", value)
+    tokens, types, merges = tiny_vocab()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(special_id("<|endoftext|>"))
+    writer.add_eos_token_id(special_id("<|im_end|>"))
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML_TEMPLATE)
+    for name, values in tensors.items():
+        _store(writer, name, values, (overrides or {}).get(name, matrix_type if values.ndim >= 2 else Q.F32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

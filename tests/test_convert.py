@@ -523,7 +523,10 @@ def test_unsupported_architecture_names_itself_and_the_supported_ones(tmp_path: 
     gguf = write_gguf(tmp_path / "phi.gguf", tiny_model(case), case, arch_name="phi3")
     with pytest.raises(UsageError) as err:
         convert(gguf, tmp_path / "out")
-    assert str(err.value) == f"unsupported architecture 'phi3' in {gguf} (supported: llama, qwen2, qwen3)"
+    assert (
+        str(err.value)
+        == f"unsupported architecture 'phi3' in {gguf} (supported: llama, qwen2, qwen3, qwen3moe)"
+    )
     _assert_nothing_left(tmp_path, {"phi.gguf"})
 
 

@@ -15,7 +15,7 @@ def convert(
     src: Annotated[
         Path | None,
         typer.Argument(
-            help="A .gguf file (llama, qwen2, qwen3), or an HF model directory (config.json + *.safetensors). "
+            help="A .gguf file (llama, qwen2, qwen3, qwen3moe; Mixtral as llama), or an HF model directory (config.json + *.safetensors). "
             "Omitted: the embedded default model (SmolLM2-135M-Instruct).",
             show_default=False,
         ),

@@ -9,8 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 
 from minisgl_cli.convert.atomic_dir import atomic_output_dir, check_output
 from minisgl_cli.convert.dtypes import parse_dtype
@@ -18,7 +20,7 @@ from minisgl_cli.convert.gguf_config import GGUFModelInfo, generation_config, hf
 from minisgl_cli.convert.gguf_file import GGUFFile, open_gguf
 from minisgl_cli.convert.gguf_names import (
     ROPE_FREQS,
-    hf_name,
+    hf_tensors,
     permuted_heads,
     required_tensors,
     unpermute_rows,
@@ -75,7 +77,9 @@ def write_generation_config(src: Path, out: Path) -> Path:
 def _check_tensors(gguf: GGUFFile, info: GGUFModelInfo) -> None:
     # Up front, so a bad file fails in a second rather than after minutes of dequantizing.
     missing = [
-        name for name in required_tensors(info.architecture, info.num_layers) if name not in gguf.tensors
+        name
+        for name in required_tensors(info.architecture, info.num_layers, info.experts)
+        if name not in gguf.tensors
     ]
     if missing:
         raise MinisglError(f"{gguf.path} lacks tensor '{missing[0]}' ({len(missing)} missing in all)")
@@ -84,7 +88,8 @@ def _check_tensors(gguf: GGUFFile, info: GGUFModelInfo) -> None:
 
 
 def _auto_dtype(gguf: GGUFFile) -> torch.dtype:
-    matrix_types = {t.tensor_type for t in gguf.tensors.values() if len(t.shape) == 2}
+    # Merged experts are matrices too, stacked: [experts, rows, columns].
+    matrix_types = {t.tensor_type for t in gguf.tensors.values() if len(t.shape) >= 2}
     if matrix_types == {GGMLQuantizationType.F16}:
         return torch.float16
     if matrix_types == {GGMLQuantizationType.BF16}:
@@ -98,7 +103,20 @@ def _tensor_specs(gguf: GGUFFile, info: GGUFModelInfo, dtype: torch.dtype) -> li
         if name == ROPE_FREQS:
             continue  # already folded into config.json's rope_scaling
         heads = permuted_heads(info.architecture, name, info.num_heads, info.num_kv_heads)
-        specs.append(TensorSpec(hf_name(name), gguf.shape(name), dtype, _loader(gguf, name, heads, dtype)))
+        shape = gguf.shape(name)
+        targets = hf_tensors(name, info.experts)
+        if targets[0].index is None:
+            specs += [TensorSpec(t.name, shape, dtype, _loader(gguf, name, heads, dtype)) for t in targets]
+            continue
+        # A merged expert tensor: one HF tensor per expert, each its [index] along the first dimension.
+        if len(shape) != 3 or shape[0] != len(targets):
+            raise MinisglError(
+                f"tensor '{name}' in {gguf.path} has shape {list(shape)}, not "
+                f"[{len(targets)}, rows, columns] for the file's {len(targets)} experts"
+            )
+        specs += [
+            TensorSpec(t.name, shape[1:], dtype, _expert_loader(gguf, name, t.index, dtype)) for t in targets
+        ]
     return specs
 
 
@@ -108,6 +126,20 @@ def _loader(gguf: GGUFFile, name: str, heads: int | None, dtype: torch.dtype) ->
         if heads is not None:
             tensor = unpermute_rows(tensor, heads)
         return tensor.to(dtype)
+
+    return load
+
+
+def _expert_loader(gguf: GGUFFile, name: str, expert: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """One expert of a merged [experts, ...] tensor. Its rows are sliced out of the raw data before
+    dequantizing (each row is whole quant blocks), so that writing E experts dequantizes the tensor once
+    in all, not E times (Qwen3-30B-A3B has 128 experts a layer)."""
+
+    def load() -> torch.Tensor:
+        tensor = gguf.tensors[name]
+        values = dequantize(tensor.data[expert], tensor.tensor_type).reshape(gguf.shape(name)[1:])
+        # np.array copies: the F32 case is a read-only view of the memory-mapped file.
+        return torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)
 
     return load
 
