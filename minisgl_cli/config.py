@@ -174,6 +174,13 @@ class EngineConfig(_Section):
         "Decode the running requests in the same steps as prefill chunks (off: prefill steps run alone).",
     )
     tp: int = setting(1, "Tensor-parallel degree (number of GPUs).", min=1)
+    quantization: str = setting(
+        "auto",
+        'Weight quantization: "auto" (the checkpoint\'s: FP8 for an FP8 checkpoint, else none), "none" (the '
+        'model dtype; FP8 checkpoints dequantized) or "fp8" (FP8 weights with a scale per row, FP8 matmuls '
+        "on Hopper GPUs).",
+        choices=("auto", "none", "fp8"),
+    )
     ep: bool = setting(
         False,
         "Expert parallelism for mixture-of-experts models: the --tp ranks hold whole experts, a share each, "

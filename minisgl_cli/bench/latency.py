@@ -208,23 +208,27 @@ class DecodeTraffic:
         import torch
 
         from minisgl_cli.engine.kv.pool import KVPool
+        from minisgl_cli.engine.layers.fp8 import quantize_linears
         from minisgl_cli.engine.layers.moe import Experts
-        from minisgl_cli.engine.models.registry import build_model, count_parameters
+        from minisgl_cli.engine.models.registry import build_model
 
-        # On the meta device: counts shapes, allocates nothing.
+        # On the meta device: counts shapes, allocates nothing. Bytes, not parameters: FP8 linears
+        # (--quantization fp8) read one byte a weight plus their scales.
         meta = build_model(config, 1, dtype=dtype, device=torch.device("meta"))
-        params = count_parameters(meta)
+        if config.quantization == "fp8":
+            quantize_linears(meta)
+        total = sum(p.numel() * p.element_size() for p in meta.parameters())
         if not config.tie_word_embeddings:
-            params -= config.vocab_size * config.hidden_size  # the embedding table: only B rows are read
+            total -= config.vocab_size * config.hidden_size * dtype.itemsize  # only B rows of it are read
         experts = [m for m in meta.modules() if isinstance(m, Experts)]
-        expert_params = sum(count_parameters(m) for m in experts)
+        expert_bytes = sum(p.numel() * p.element_size() for m in experts for p in m.parameters())
         moe = config.moe
         return cls(
-            weight_bytes=(params - expert_params) * dtype.itemsize,
+            weight_bytes=total - expert_bytes,
             kv_bytes_per_token=KVPool.bytes_per_token(
                 config.num_layers, config.num_kv_heads, config.head_dim, dtype
             ),
-            expert_bytes=0 if moe is None else expert_params // moe.num_experts * dtype.itemsize,
+            expert_bytes=0 if moe is None else expert_bytes // moe.num_experts,
             num_experts=0 if moe is None else moe.num_experts,
             top_k=0 if moe is None else moe.top_k,
         )

@@ -569,7 +569,8 @@ def _setup(engine: EngineConfig) -> _Setup:
 
     source = resolve_model(engine.model, engine.dummy_weights)
     device = resolve_device(engine.device)
-    return _Setup(source, ModelConfig.from_hf(source.hf_config), device, resolve_dtype(engine.dtype, device))
+    model_config = ModelConfig.from_hf(source.hf_config).with_quantization(engine.quantization)
+    return _Setup(source, model_config, device, resolve_dtype(engine.dtype, device))
 
 
 def _load_hf(engine: EngineConfig, setup: _Setup) -> PreTrainedModel:

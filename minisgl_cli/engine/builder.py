@@ -58,7 +58,11 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGro
 
     if source is None:
         source = resolve_model(cfg.model, cfg.dummy_weights)
-    model_config = ModelConfig.from_hf(source.hf_config).with_expert_parallel(cfg.ep, cfg.tp)
+    model_config = (
+        ModelConfig.from_hf(source.hf_config)
+        .with_expert_parallel(cfg.ep, cfg.tp)
+        .with_quantization(cfg.quantization)
+    )
     device = resolve_device(cfg.device)
     context_len = model_config.max_position_embeddings
     if cfg.context_length is not None:

@@ -17,6 +17,7 @@ from minisgl_cli.engine.graphs import CudaGraphRunner
 from minisgl_cli.engine.kv.allocator import PageAllocator
 from minisgl_cli.engine.kv.page_table import PageTable
 from minisgl_cli.engine.kv.pool import KVPool
+from minisgl_cli.engine.layers.fp8 import quantize_linears
 from minisgl_cli.engine.layers.moe import fused as moe_fused
 from minisgl_cli.engine.models.config import ModelConfig
 from minisgl_cli.engine.models.registry import build_model, count_parameters
@@ -72,6 +73,10 @@ class ModelRunner:
             init_dummy_weights(self.model, random_seed)
         else:
             load_weights(self.model, weights_dir)
+        if model_config.quantization == "fp8":
+            count = quantize_linears(self.model)
+            log.info("fp8: %d linears quantized (a scale per output row); embedding, LM head, router and "
+                     "experts stay %s", count, str(dtype).removeprefix("torch."))  # fmt: skip
 
         # Every rank takes the smallest rank's pool: ranks size from their own free memory, and schedulers
         # that saw different page counts would admit and preempt differently, so their collectives would

@@ -11,20 +11,28 @@ import torch
 from torch import nn
 
 from minisgl_cli.engine.distributed import Shard, TPGroup, WeightSlice
+from minisgl_cli.engine.layers.fp8 import fp8_linear
 from minisgl_cli.engine.layers.gemv import linear
 
 
 class Linear(nn.Module):
     """y = x W^T (+ b). Parameters are left uninitialised: the weight loader or dummy init fills them,
-    and skipping torch's random init saves seconds at 8B parameters."""
+    and skipping torch's random init saves seconds at 8B parameters. After `fp8.quantize_linears` the
+    weight is FP8 with a float32 scale per output row (`weight_scale`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.weight_scale: nn.Parameter | None = None
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight_scale is not None:
+            return fp8_linear(x, self.weight, self.weight_scale, bias)
+        return linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class MergedLinear(Linear):
@@ -81,7 +89,7 @@ class RowParallelLinear(Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(linear(x, self.weight))
+        return self.tp.all_reduce(self.matmul(x, None))
 
     def weight_slices(self) -> dict[str, list[WeightSlice]]:
         return {"weight": [WeightSlice(None, 1, self.weight, self.source)]}

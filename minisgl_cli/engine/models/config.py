@@ -107,6 +107,43 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class Fp8Checkpoint:
+    """How an FP8 checkpoint stores its weights (config.json's quantization_config, quant_method "fp8"):
+    `block` is weight_block_size, the entries each `weight_scale_inv` covers, or None for one scale a tensor.
+    Its tensors are dequantized as they load (layers/fp8.py)."""
+
+    block: tuple[int, int] | None
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> Fp8Checkpoint | None:
+        q = d.get("quantization_config")
+        if not q:
+            return None
+        method = q.get("quant_method")
+        if method != "fp8":
+            raise UsageError(f"unsupported quantization_config quant_method {method!r} (supported: fp8)")
+        if q.get("fmt", "e4m3") not in ("e4m3", "float8_e4m3fn"):
+            raise UsageError(f"unsupported FP8 format {q['fmt']!r} (supported: e4m3)")
+        if q.get("activation_scheme", "dynamic") != "dynamic":
+            # Static checkpoints carry calibrated input_scale tensors; minisgl scales activations per token.
+            raise UsageError(
+                f"FP8 checkpoints with activation_scheme {q['activation_scheme']!r} are not supported "
+                "(supported: dynamic)"
+            )
+        block = q.get("weight_block_size")
+        if block is None:
+            return cls(None)
+        if not (
+            isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
+        ):
+            raise UsageError(f"weight_block_size must be two positive integers, not {block!r}")
+        return cls((block[0], block[1]))
+
+
+QUANTIZATIONS = ("auto", "none", "fp8")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     vocab_size: int
@@ -126,6 +163,8 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     moe: MoEConfig | None = None  # None: a dense model
+    fp8_checkpoint: Fp8Checkpoint | None = None  # None: the checkpoint's weights are not FP8
+    quantization: str | None = None  # a run setting (--quantization): "fp8", or None for the model dtype
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return self.moe is not None and layer_id in self.moe.layers
@@ -142,6 +181,15 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def with_quantization(self, choice: str) -> ModelConfig:
+        """The model with --quantization's choice: "auto" is the checkpoint's (FP8 weights for an FP8
+        checkpoint), "none" the model dtype (an FP8 checkpoint dequantized), "fp8" FP8 weights."""
+        if choice not in QUANTIZATIONS:
+            raise UsageError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, not {choice!r}")
+        if choice == "auto":
+            choice = "fp8" if self.fp8_checkpoint is not None else "none"
+        return replace(self, quantization=None if choice == "none" else choice)
 
     def with_expert_parallel(self, on: bool, ranks: int) -> ModelConfig:
         """The model with --ep's choice of how the ranks split its experts; MinisglError where --ep cannot
@@ -227,6 +275,7 @@ class ModelConfig:
                 eos_token_ids=_int_list(d.get("eos_token_id")),
                 bos_token_id=d.get("bos_token_id"),
                 moe=MoEConfig.from_hf(d, architecture, num_layers),
+                fp8_checkpoint=Fp8Checkpoint.from_hf(d),
             )
         except KeyError as e:
             raise MinisglError(f"model config is missing the field {e.args[0]!r}") from None

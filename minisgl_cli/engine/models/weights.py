@@ -5,19 +5,25 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from minisgl_cli.engine.distributed import Shard, WeightSlice
+from minisgl_cli.engine.layers.fp8 import dequantize
 from minisgl_cli.engine.models.llama import LlamaForCausalLM
 from minisgl_cli.errors import MinisglError
 from minisgl_cli.wording import plural
 
+if TYPE_CHECKING:
+    from minisgl_cli.engine.models.config import Fp8Checkpoint
+
 # Checkpoint tensors that are derived data, not weights (we recompute them).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# An FP8 checkpoint's scales beside its weights: per block (DeepSeek / Qwen3-*-FP8) or per tensor.
+_FP8_SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale")
 
 
 def checkpoint_files(weights_dir: Path) -> list[Path]:
@@ -37,6 +43,8 @@ class _CheckpointTensor(Protocol):
     """A tensor still in its safetensors file (safetensors' PySafeSlice): indexing reads just that part."""
 
     def get_shape(self) -> list[int]: ...
+
+    def get_dtype(self) -> str: ...
 
     def __getitem__(self, index: tuple[slice, ...]) -> torch.Tensor: ...
 
@@ -86,8 +94,10 @@ def load_weights(model: LlamaForCausalLM, weights_dir: Path) -> None:
     slices = _parameter_slices(model)
     loaded = dict.fromkeys(slices, 0)
     tied = model.config.tie_word_embeddings
+    fp8 = model.config.fp8_checkpoint
+    scales = _fp8_scales(weights_dir) if fp8 is not None else {}
     for name, tensor in iter_checkpoint(weights_dir):
-        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight") or name in scales:
             continue
         target, part = _our_name(model, name)
         piece = next((s for s in slices.get(target, []) if s.part == part), None)
@@ -103,7 +113,10 @@ def load_weights(model: LlamaForCausalLM, weights_dir: Path) -> None:
             continue  # another rank's (an expert under expert parallelism): never read here
         src = piece.source
         index = (slice(None),) * piece.dim + (slice(src.start, src.start + src.size),)
-        piece.dest.copy_(tensor[index])
+        if tensor.get_dtype().startswith("F8"):
+            piece.dest.copy_(_dequantized(name, tensor, index, scales, fp8, weights_dir))
+        else:
+            piece.dest.copy_(tensor[index])
         loaded[target] += piece.dest.numel()
     missing = [
         n
@@ -114,6 +127,35 @@ def load_weights(model: LlamaForCausalLM, weights_dir: Path) -> None:
         raise MinisglError(
             f"the checkpoint at {weights_dir} lacks {plural(len(missing), 'weight')}, e.g. {missing[0]!r}"
         )
+
+
+def _fp8_scales(weights_dir: Path) -> dict[str, torch.Tensor]:
+    """An FP8 checkpoint's scale tensors by name (a float per block or per tensor: small, read whole)."""
+    return {name: t[:] for name, t in iter_checkpoint(weights_dir) if name.endswith(_FP8_SCALE_SUFFIXES)}
+
+
+def _dequantized(
+    name: str,
+    tensor: _CheckpointTensor,
+    index: tuple[slice, ...],
+    scales: dict[str, torch.Tensor],
+    fp8: Fp8Checkpoint | None,
+    weights_dir: Path,
+) -> torch.Tensor:
+    """The float32 values of part `index` of FP8 checkpoint tensor `name`, through its scale."""
+    scale = next((scales[name + s] for s in ("_scale_inv", "_scale") if name + s in scales), None)
+    if fp8 is None or scale is None:
+        raise MinisglError(
+            f"tensor {name!r} in {weights_dir} is FP8 without a scale ({name}_scale_inv) or without an FP8 "
+            "quantization_config in config.json"
+        )
+    block = fp8.block if scale.numel() > 1 else None
+    if scale.numel() > 1 and block is None:
+        raise MinisglError(
+            f"{name}'s scale has {scale.numel()} entries, but config.json's quantization_config gives no "
+            "weight_block_size for them"
+        )
+    return dequantize(tensor[index], scale, index, tensor.get_shape(), block)
 
 
 def _our_name(model: LlamaForCausalLM, name: str) -> tuple[str, str | None]:
