@@ -181,6 +181,12 @@ class EngineConfig(_Section):
         "on Hopper GPUs).",
         choices=("auto", "none", "fp8"),
     )
+    kv_cache_dtype: str = setting(
+        "auto",
+        'KV cache dtype: "auto" (the model dtype) or "fp8_e4m3" (one byte a value: twice the tokens of bf16 in '
+        "the same memory; read by the torch attention backend only so far).",
+        choices=("auto", "fp8_e4m3"),
+    )
     ep: bool = setting(
         False,
         "Expert parallelism for mixture-of-experts models: the --tp ranks hold whole experts, a share each, "

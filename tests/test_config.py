@@ -38,7 +38,7 @@ SPEC_DEFAULTS = {
         kv_cache_tokens=None, kv_cache_gb=None, mem_fraction=0.85, max_running_requests=256,
         max_prefill_tokens=8192, context_length=None, cache_type="radix", attention_backend="auto",
         prefill_kernel="auto", decode_kernel="auto", cuda_graph_max_bs=256, disable_overlap=False,
-        mixed_steps=False, tp=1, ep=False, quantization="auto", generation_config="auto",
+        mixed_steps=False, tp=1, ep=False, quantization="auto", kv_cache_dtype="auto", generation_config="auto",
     ),
     "server": dict(
         host="127.0.0.1", port=1919, api_key=None, max_queue=1024, num_tokenizers=1,

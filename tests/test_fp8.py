@@ -267,3 +267,42 @@ def test_gpu_scaled_mm_matches_the_dequantized_matmul(rows: int) -> None:
     assert torch.equal(
         odd, torch.nn.functional.linear(x, (odd_q.float() * odd_scale[:, None]).to(torch.bfloat16))
     )
+
+
+def test_fp8_kv_cache_holds_twice_the_tokens_and_tracks_the_model_dtype(checkpoints: dict[str, Path]) -> None:
+    path = checkpoints["ref"]
+    config = _config(path)
+    plain = small_runner(path, config, kv_cache_tokens=None, kv_cache_gb=0.001)
+    fp8_pool = small_runner(path, config, kv_cache_tokens=None, kv_cache_gb=0.001, kv_cache_dtype="fp8_e4m3")
+    assert fp8_pool.kv_pool.dtype == fp8.FP8
+    assert (
+        fp8_pool.num_pages * fp8_pool.page_size >= 4 * plain.num_pages * plain.page_size - 4
+    )  # float32 -> 1 B
+
+    want_tokens, want = _greedy(path, config)
+    driver = Driver(small_runner(path, config, kv_cache_dtype="fp8_e4m3"))
+    work = list(enumerate(PROMPTS))
+    logits = []
+    for step in range(6):
+        logits.append(driver.step(work))
+        work = [(i, [t]) for i, t in enumerate(want_tokens[step * len(PROMPTS) : (step + 1) * len(PROMPTS)])]
+    got = torch.cat(logits)
+    # K and V rounded to e4m3 (3 mantissa bits) before attention reads them.
+    assert float((got - want).norm() / want.norm()) < 0.15
+    assert sum(a == b for a, b in zip(got.argmax(-1).tolist(), want_tokens, strict=True)) >= 0.75 * len(
+        want_tokens
+    )
+
+
+def test_fp8_kv_cache_on_a_gpu_backend_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from minisgl_cli.engine.attention import create_backend
+    from minisgl_cli.engine.model_runner import kv_dtype
+
+    pool = SimpleNamespace(dtype=fp8.FP8, device=torch.device("cuda"))
+    for name in ("auto", "flashinfer", "torch,flashinfer"):
+        with pytest.raises(UsageError, match="add --attention-backend torch"):
+            create_backend(name, kv_pool=pool, page_table=None, num_heads=4, head_dim=16, page_size=1)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="auto or fp8_e4m3"):
+        kv_dtype("int8", torch.bfloat16)

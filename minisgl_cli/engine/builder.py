@@ -84,6 +84,7 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGro
         cuda_graph_max_bs=cfg.cuda_graph_max_bs,
         random_seed=cfg.random_seed,
         tp=tp,
+        kv_cache_dtype=cfg.kv_cache_dtype,
     )
     # "radix" (the default) reuses the K/V of shared prompt prefixes; "naive" recomputes every prompt.
     cache: PrefixCache = RadixCache(cfg.page_size) if cfg.cache_type == "radix" else NaiveCache(cfg.page_size)

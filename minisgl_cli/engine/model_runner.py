@@ -22,7 +22,7 @@ from minisgl_cli.engine.layers.moe import fused as moe_fused
 from minisgl_cli.engine.models.config import ModelConfig
 from minisgl_cli.engine.models.registry import build_model, count_parameters
 from minisgl_cli.engine.models.weights import init_dummy_weights, load_weights
-from minisgl_cli.errors import MinisglError
+from minisgl_cli.errors import MinisglError, UsageError
 from minisgl_cli.wording import plural
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,13 @@ class ModelRunner:
         cuda_graph_max_bs: int = 0,
         random_seed: int = 0,
         tp: TPGroup | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.model_config = model_config
         self.tp = tp or TPGroup.single()
         self.rank_config = model_config.for_rank(self.tp)  # the head counts this rank's pool holds
         self.dtype = dtype
+        self.kv_dtype = kv_dtype(kv_cache_dtype, dtype)
         self.device = device
         self.page_size = page_size
         torch.manual_seed(random_seed)
@@ -89,7 +91,7 @@ class ModelRunner:
             self.num_pages * page_size,
             self.rank_config.num_kv_heads,
             model_config.head_dim,
-            dtype=dtype,
+            dtype=self.kv_dtype,
             device=device,
         )
         self.page_table = PageTable(max_running_requests, max_context_len, device=device)
@@ -162,7 +164,7 @@ class ModelRunner:
         self, tokens: int | None, gib: float | None, mem_fraction: float, max_running_requests: int
     ) -> int:
         cfg = self.rank_config
-        per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
         num_tokens = kv_cache_tokens(
             device=self.device,
             bytes_per_token=per_token,
@@ -187,3 +189,12 @@ class ModelRunner:
                 "or lower --max-running-requests"
             )
         return num_pages
+
+
+def kv_dtype(setting: str, model_dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype: "auto" stores K/V in the model's dtype, "fp8_e4m3" in float8_e4m3fn."""
+    if setting == "auto":
+        return model_dtype
+    if setting == "fp8_e4m3":
+        return torch.float8_e4m3fn
+    raise UsageError(f"--kv-cache-dtype must be auto or fp8_e4m3, not {setting!r}")

@@ -44,6 +44,13 @@ def create_backend(
     decode_kernel: str = "auto",
 ) -> AttentionBackend:
     """The backend (or prefill/decode pair) called `name`."""
+    if kv_pool.dtype == torch.float8_e4m3fn and kv_pool.device.type == "cuda" and name != "torch":
+        # FlashInfer reads FP8 pages through kernel variants of its own that are not wired in yet; "auto"
+        # would quietly fall back to the slow reference backend, so the user chooses it.
+        raise UsageError(
+            "--kv-cache-dtype fp8_e4m3 is read by the torch attention backend only so far: on a GPU add "
+            "--attention-backend torch (a reference path, not a fast one), or keep --kv-cache-dtype auto"
+        )
     prefill, decode = resolve_backend_names(name, kv_pool.device, kv_pool.dtype)
     made: dict[str, AttentionBackend] = {}
 

@@ -56,6 +56,8 @@ class TorchBackend(AttentionBackend):
             qg = q[g.q_index].transpose(1, 2)
             kg = _gather(k_cache, g.kv_slots, g.k_buf).transpose(1, 2)
             vg = _gather(v_cache, g.kv_slots, g.v_buf).transpose(1, 2)
+            if kg.dtype != q.dtype:  # an FP8 pool (--kv-cache-dtype fp8_e4m3): values stored unscaled
+                kg, vg = kg.to(q.dtype), vg.to(q.dtype)
             og = F.scaled_dot_product_attention(
                 qg, kg, vg, attn_mask=g.mask, scale=self.scale, enable_gqa=True
             )
