@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import itertools
 import json
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gemv_bench import time_us  # one CUDA-graph timer for the benchmark scripts
 
 # (model, projection, N, K): output rows and input width of each weight at TP 1.
 SHAPES = [
@@ -263,32 +262,6 @@ def precompile(configs: list[Config], jobs: int) -> None:
 
 def rel_err(y: torch.Tensor, want: torch.Tensor) -> float:
     return float((y.float() - want).abs().max() / want.abs().max())
-
-
-def time_us(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], copies: list[torch.Tensor],
-            x: torch.Tensor, reps: int = REPS) -> float:  # fmt: skip
-    """Mean microseconds of fn(x, w) over the copies, from a CUDA graph of one pass replayed `reps` times.
-    fn must have run once before (Triton compiles on its first launch, which a capture cannot hold)."""
-    for w in copies[:2]:
-        fn(x, w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    gc.disable()  # a collection during capture could free a kernel or graph the capture depends on
-    try:
-        with torch.cuda.graph(graph):
-            for w in copies:
-                fn(x, w)
-    finally:
-        gc.enable()
-    graph.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    del graph
-    return begin.elapsed_time(end) * 1e3 / (reps * len(copies))
 
 
 def time_cublaslt(

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import itertools
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +37,23 @@ SHAPES = [
 SHAPES_TRIED = list(itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8)))
 
 
-def time_us(fn, copies: list[torch.Tensor], x: torch.Tensor, reps: int = 10) -> float:  # type: ignore[no-untyped-def]
-    """Mean microseconds of fn(x, w) over the copies, from a CUDA graph of one pass replayed `reps` times."""
+def time_us(
+    fn: Callable[[torch.Tensor, Any], object], copies: Sequence[Any], x: torch.Tensor, reps: int = 10
+) -> float:
+    """Mean microseconds of fn(x, w) over the copies (weights, or whole layers), from a CUDA graph of one pass
+    replayed `reps` times. The first two calls run before the capture: Triton compiles on its first launch,
+    which a capture cannot hold. Shared by the GPU benchmark scripts."""
     for w in copies[:2]:
         fn(x, w)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in copies:
-            fn(x, w)
+    gc.disable()  # a collection during capture could free a kernel or graph the capture depends on
+    try:
+        with torch.cuda.graph(graph):
+            for w in copies:
+                fn(x, w)
+    finally:
+        gc.enable()
     graph.replay()
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
@@ -50,6 +61,7 @@ def time_us(fn, copies: list[torch.Tensor], x: torch.Tensor, reps: int = 10) -> 
         graph.replay()
     end.record()
     torch.cuda.synchronize()
+    del graph
     return begin.elapsed_time(end) * 1e3 / (reps * len(copies))
 
 

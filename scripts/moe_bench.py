@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+from gemv_bench import time_us as walk_us
 
 from minisgl_cli.engine.distributed import TPGroup
 from minisgl_cli.engine.layers import fused_moe
@@ -57,21 +58,7 @@ def run(block: SparseMoE, x: torch.Tensor, shape: Shape) -> torch.Tensor:
 
 def time_us(layers: list[SparseMoE], x: torch.Tensor, shape: Shape, reps: int = 5) -> float:
     """Mean microseconds a layer, from a CUDA graph of one walk over the layers replayed `reps` times."""
-    for block in layers[:2]:
-        run(block, x, shape)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for block in layers:
-            run(block, x, shape)
-    graph.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return begin.elapsed_time(end) * 1e3 / (reps * len(layers))
+    return walk_us(lambda x, block: run(block, x, shape), layers, x, reps)
 
 
 def bytes_read(layers: list[SparseMoE], x: torch.Tensor) -> float:
@@ -88,7 +75,6 @@ def projections(device: torch.device) -> dict[str, object]:
     """The batch-1 step's other matmuls at Qwen3-30B-A3B's widths: cuBLAS against layers/gemv.py's kernel
     over its rows per program (the router has only 128 rows: 8 programs at the default 16)."""
     import torch.nn.functional as F
-    from gemv_bench import time_us as walk_us
 
     from minisgl_cli.engine.layers.gemv import gemv
 

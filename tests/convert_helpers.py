@@ -183,6 +183,22 @@ def _store(writer: gguf.GGUFWriter, name: str, values: np.ndarray, qtype: Q) -> 
         writer.add_tensor(name, gguf.quants.quantize(values.astype(np.float32), qtype), raw_dtype=qtype)
 
 
+def _writer(path: Path, arch: str, config: PretrainedConfig) -> gguf.GGUFWriter:
+    """A GGUF writer with the shape metadata every architecture's file carries, from an HF config."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    return writer
+
+
 def write_gguf(
     path: Path,
     model: PreTrainedModel,
@@ -196,17 +212,7 @@ def write_gguf(
     `sampling` is general.sampling.* metadata by llama.cpp's key ("temp", "top_k", "penalty_repeat", ...)."""
     config = model.config
     arch = arch_name or case.arch
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
+    writer = _writer(path, arch, config)
     if case.arch == "llama":
         writer.add_rope_dimension_count(config.head_dim)
     tokens, types, merges = tiny_vocab()
@@ -357,17 +363,7 @@ def write_moe_gguf(
     if arch == "qwen3moe":
         experts["expert_feed_forward_length"] = config.moe_intermediate_size
     experts.update(metadata or {})
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
+    writer = _writer(path, arch, config)
     for key, value in experts.items():
         if value is not None:
             writer.add_uint32(f"{arch}.{key}", value)

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,15 +55,7 @@ from minisgl_cli.convert.gguf_file import open_gguf
 from minisgl_cli.convert.gguf_rope import recover_llama3_scaling
 from minisgl_cli.errors import MinisglError, UsageError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # These are small matmuls: a second thread gains little, and when other processes share the two
-    # cores, OpenMP threads waiting on each other make them 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ============================================================== the real model: SmolLM2-135M-Instruct Q4_1

@@ -10,7 +10,6 @@ do not have (shared experts, a dense MLP in a sparse layer, ...) is refused befo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +27,7 @@ from minisgl_cli.engine.models.config import ModelConfig
 from minisgl_cli.engine.request import SamplingParams
 from minisgl_cli.errors import MinisglError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny matmuls: more threads only contend for the cores other test processes share.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # The GGUF architecture and expert layout of each case.
