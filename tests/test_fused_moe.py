@@ -137,7 +137,7 @@ def check_interpreted_expert_parallel() -> int:
                 gate_up, down = block.experts.gate_up_proj[rows], block.experts.down_proj[rows]
                 if path == "pairs":
                     total += fused_moe.pair_experts(
-                        x, logits, gate_up, down, top_k, renormalize, base=local.start
+                        x, logits, gate_up, down, top_k, renormalize, local=local
                     )[0]
                 else:
                     weights, ids, counts, ranks = fused_moe.fused_route(logits, top_k, renormalize, local)

@@ -563,13 +563,13 @@ def compare(
 
 
 def _setup(engine: EngineConfig) -> _Setup:
+    from minisgl_cli.engine.builder import run_model_config
     from minisgl_cli.engine.device import resolve_device, resolve_dtype
-    from minisgl_cli.engine.models.config import ModelConfig
     from minisgl_cli.model_source import resolve_model
 
     source = resolve_model(engine.model, engine.dummy_weights)
     device = resolve_device(engine.device)
-    model_config = ModelConfig.from_hf(source.hf_config).with_quantization(engine.quantization)
+    model_config = run_model_config(engine, source.hf_config)
     return _Setup(source, model_config, device, resolve_dtype(engine.dtype, device))
 
 

@@ -51,18 +51,13 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGro
     from minisgl_cli.engine.kv.prefix_cache import PrefixCache
     from minisgl_cli.engine.kv.radix_cache import RadixCache
     from minisgl_cli.engine.model_runner import ModelRunner
-    from minisgl_cli.engine.models.config import ModelConfig
     from minisgl_cli.engine.rank_sync import RankChannel, RankLeader
     from minisgl_cli.engine.scheduler import Scheduler
     from minisgl_cli.model_source import resolve_model
 
     if source is None:
         source = resolve_model(cfg.model, cfg.dummy_weights)
-    model_config = (
-        ModelConfig.from_hf(source.hf_config)
-        .with_expert_parallel(cfg.ep, cfg.tp)
-        .with_quantization(cfg.quantization)
-    )
+    model_config = run_model_config(cfg, source.hf_config)
     device = resolve_device(cfg.device)
     context_len = model_config.max_position_embeddings
     if cfg.context_length is not None:
@@ -102,6 +97,18 @@ def build_engine(cfg: EngineConfig, source: ModelSource | None = None, tp: TPGro
         grammars=GrammarBackend(lambda: load_tokenizer(source), model_config.vocab_size, eos),
     )
     return Engine(source, model_config, runner, scheduler)
+
+
+def run_model_config(cfg: EngineConfig, hf_config: dict[str, Any]) -> ModelConfig:
+    """The model as this run holds it: the checkpoint's config with the run's choices (--ep,
+    --quantization); UsageError for a choice that cannot apply."""
+    from minisgl_cli.engine.models.config import ModelConfig
+
+    return (
+        ModelConfig.from_hf(hf_config)
+        .with_expert_parallel(cfg.ep, cfg.tp)
+        .with_quantization(cfg.quantization)
+    )
 
 
 def load_tokenizer(source: ModelSource) -> Any | None:

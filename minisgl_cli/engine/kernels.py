@@ -38,6 +38,11 @@ def use_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in _KERNEL_DTYPES and ENABLED and flashinfer() is not None
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (>= 1): Triton's block sizes must be powers of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 @functools.cache
 def have_triton() -> bool:
     """Whether Triton imports (it comes with CUDA builds of torch; the Triton kernels need it)."""

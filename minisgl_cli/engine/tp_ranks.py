@@ -56,10 +56,10 @@ class RankPlace:
 def check_tp(cfg: EngineConfig, source: ModelSource, ranks_here: int) -> None:
     """Refuse a tensor-parallel set-up that cannot work, before any rank starts: more ranks on this machine
     than GPUs, one GPU named for several ranks, or a model whose heads or MLP do not split over the ranks."""
+    from minisgl_cli.engine.builder import run_model_config
     from minisgl_cli.engine.distributed import TPGroup
-    from minisgl_cli.engine.models.config import ModelConfig
 
-    model_config = ModelConfig.from_hf(source.hf_config).with_expert_parallel(cfg.ep, cfg.tp)
+    model_config = run_model_config(cfg, source.hf_config)
     if cfg.tp == 1:
         return
     import torch

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minisgl_cli.engine.kernels import next_pow2
+
 # Defaults of the launch shape, overridable per plan (scripts/decode_attention_bench.py sweeps them).
 BLOCK_N = 64
 NUM_WARPS = 4
@@ -192,10 +194,6 @@ def _kernels():  # type: ignore[no-untyped-def]
     return decode_split, merge_splits
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def choose_splits(
     batch_size: int, num_kv_heads: int, max_context_hint: int, block_n: int, num_sms: int
 ) -> int:
@@ -293,7 +291,7 @@ class DecodePlan:
             out.stride(1),
             HQ=hq,
             G=group,
-            GP=max(_pow2(group), DOT_MIN_ROWS) if self.use_dot else _pow2(group),
+            GP=max(next_pow2(group), DOT_MIN_ROWS) if self.use_dot else next_pow2(group),
             D=d,
             PAGE_SIZE=self.page_size,
             SPLITS=self.num_splits,
@@ -318,7 +316,7 @@ class DecodePlan:
                 HQ=hq,
                 D=d,
                 SPLITS=self.num_splits,
-                SP=_pow2(self.num_splits),
+                SP=next_pow2(self.num_splits),
                 num_warps=4,
             )
         return out

@@ -40,6 +40,7 @@ import functools
 import torch
 
 from minisgl_cli.engine.distributed import Shard
+from minisgl_cli.engine.kernels import next_pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +86,6 @@ _ALIGN_BLOCK_P = 256
 _ALIGN_BLOCK_B = 64
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def fused_route(
     router_logits: torch.Tensor, top_k: int, renormalize: bool, local: Shard | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,7 +103,7 @@ def fused_route(
     _kernels().route[(-(-tokens // _ROUTE_BLOCK_T),)](
         logits, weights, ids, counts, ranks, tokens, experts, local.start, local.size, TOP_K=top_k,
         RENORMALIZE=renormalize,
-        BLOCK_T=_ROUTE_BLOCK_T, BLOCK_E=_pow2(experts), BLOCK_K=_pow2(top_k), num_warps=4,
+        BLOCK_T=_ROUTE_BLOCK_T, BLOCK_E=next_pow2(experts), BLOCK_K=next_pow2(top_k), num_warps=4,
     )  # fmt: skip
     return weights, ids, counts, ranks
 
@@ -139,18 +136,18 @@ def pair_experts(
     top_k: int,
     renormalize: bool,
     shape: RowShape | None = None,
-    base: int = 0,
+    local: Shard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block for a few tokens, routing included: one program per pair and block of the expert's rows
     for gate/up (each routes its token itself), one per token and block of outputs for down (which also
     sums the token's k experts). Two launches. Returns the output [T, H] and the routing weights and ids
-    [T, k] the first launch wrote. Under expert parallelism `gate_up` and `down` hold experts base.. of the
-    router's E, and the output sums only those."""
+    [T, k] the first launch wrote. Under expert parallelism `gate_up` and `down` hold the experts `local` of
+    the router's, and the output sums only theirs."""
     shape = shape or RowShape()
     tokens, hidden = x.shape
     experts = router_logits.shape[1]
-    local_experts, width2, _ = gate_up.shape
-    width = width2 // 2
+    local = local or Shard(0, experts, experts)
+    width = gate_up.shape[1] // 2
     device = x.device
     kernels = _kernels()
     x = x.contiguous()
@@ -158,14 +155,14 @@ def pair_experts(
     ids = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
     act = torch.empty(tokens * top_k, width, dtype=x.dtype, device=device)
     kernels.pair_gate_up[(tokens * top_k, -(-width // shape.up_block_n))](
-        x, gate_up, router_logits.contiguous(), ids, weights, act, width, hidden, experts, base, local_experts,
-        TOP_K=top_k,
-        RENORMALIZE=renormalize, BLOCK_E=_pow2(experts), BLOCK_J=_pow2(top_k), BLOCK_N=shape.up_block_n,
+        x, gate_up, router_logits.contiguous(), ids, weights, act, width, hidden, experts, local.start,
+        local.size, TOP_K=top_k,
+        RENORMALIZE=renormalize, BLOCK_E=next_pow2(experts), BLOCK_J=next_pow2(top_k), BLOCK_N=shape.up_block_n,
         BLOCK_K=shape.up_block_k, num_warps=shape.num_warps,
     )  # fmt: skip
     out = torch.empty(tokens, hidden, dtype=x.dtype, device=device)
     kernels.token_down[(tokens, -(-hidden // shape.down_block_n))](
-        act, down, ids, weights, out, hidden, width, base, local_experts, TOP_K=top_k, BLOCK_J=_pow2(top_k),
+        act, down, ids, weights, out, hidden, width, local.start, local.size, TOP_K=top_k, BLOCK_J=next_pow2(top_k),
         BLOCK_N=shape.down_block_n, BLOCK_K=shape.down_block_k, num_warps=shape.num_warps,
     )  # fmt: skip
     return out, weights, ids
@@ -183,8 +180,7 @@ def moe_block(
     """The whole block after the router's GEMM, by the path that suits the step's token count; `local`:
     the experts `gate_up` and `down` hold (expert parallelism), all of them by default."""
     if x.shape[0] <= PAIR_MAX_TOKENS:
-        base = 0 if local is None else local.start
-        return pair_experts(x, router_logits, gate_up, down, top_k, renormalize, base=base)[0]
+        return pair_experts(x, router_logits, gate_up, down, top_k, renormalize, local=local)[0]
     weights, ids, counts, ranks = fused_route(router_logits, top_k, renormalize, local)
     return fused_experts(x, gate_up, down, weights, ids, counts, ranks, local=local)
 
@@ -218,7 +214,7 @@ def fused_experts(
     kernels = _kernels()
     kernels.align[(-(-pairs // _ALIGN_BLOCK_P),)](
         ids, ranks, counts, sorted_pairs, block_expert, block_rows, pairs, experts, local.start, blocks,
-        BLOCK_M=shape.block_m, BLOCK_E=_pow2(experts), BLOCK_P=_ALIGN_BLOCK_P, BLOCK_B=_ALIGN_BLOCK_B,
+        BLOCK_M=shape.block_m, BLOCK_E=next_pow2(experts), BLOCK_P=_ALIGN_BLOCK_P, BLOCK_B=_ALIGN_BLOCK_B,
         num_warps=4,
     )  # fmt: skip
     x = x.contiguous()

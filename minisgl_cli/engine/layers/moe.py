@@ -90,10 +90,11 @@ class Experts(nn.Module):
         that received tokens on just those rows. It reads the per-expert counts on the host, a sync a fused
         GPU kernel avoids; on the CPU it is the fast way (no wasted rows, no padding)."""
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        local_ids = ids.flatten() - self.local.start
-        mine = (local_ids >= 0) & (local_ids < self.local.size)
-        pairs = torch.nonzero(mine).flatten() if self.local.size < self.local.full else None
-        if pairs is not None:
+        local_ids = ids.flatten()
+        pairs = None
+        if self.local.size < self.local.full:  # expert parallelism: only this rank's experts' pairs
+            local_ids = local_ids - self.local.start
+            pairs = torch.nonzero((local_ids >= 0) & (local_ids < self.local.size)).flatten()
             local_ids = local_ids[pairs]
         order = torch.argsort(local_ids, stable=True)
         sorted_pairs = order if pairs is None else pairs[order]
