@@ -40,9 +40,9 @@ class Batch:
 
 
 def _batch(lengths: list[int], heads: tuple[int, int], head_dim: int, dtype: torch.dtype, *, seed: int,
-           page_size: int = 1, device: str = "cpu") -> Batch:  # fmt: skip
+           page_size: int = 1, device: str = "cpu", kv_dtype: torch.dtype | None = None) -> Batch:  # fmt: skip
     """Sequences of `lengths` tokens on random pages (page 0 among them) of a pool twice as large, whose
-    unused rows hold NaN."""
+    unused rows hold NaN; K/V in `kv_dtype` (default: `dtype`)."""
     g = torch.Generator().manual_seed(seed)
     hq, hk = heads
     num_pages = [-(-n // page_size) for n in lengths]
@@ -66,8 +66,8 @@ def _batch(lengths: list[int], heads: tuple[int, int], head_dim: int, dtype: tor
     last = [n - (p - 1) * page_size for n, p in zip(lengths, num_pages, strict=True)]
     return Batch(
         q=q.to(dtype).to(device),
-        k=k.to(dtype).to(device),
-        v=v.to(dtype).to(device),
+        k=k.to(kv_dtype or dtype).to(device),
+        v=v.to(kv_dtype or dtype).to(device),
         indptr=torch.tensor(starts, dtype=torch.int32, device=device),
         indices=pages.to(torch.int32).to(device),
         last_page_len=torch.tensor(last, dtype=torch.int32, device=device),
@@ -88,6 +88,13 @@ def _reference(batch: Batch, scale: float) -> torch.Tensor:
         scores = torch.einsum("hd,lhd->hl", batch.q[i].double().cpu(), k) * scale
         out[i] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
     return out
+
+
+FP8_CASES = [  # (heads, head_dim, q dtype, splits, use_dot, page_size), over an FP8 pool
+    ((4, 2), 64, torch.float32, 1, True, 1),
+    ((8, 2), 128, torch.float32, 3, False, 1),
+    ((8, 1), 64, torch.float32, 3, True, 4),
+]
 
 
 def _assert_close(got: torch.Tensor, want: torch.Tensor, what: object) -> None:
@@ -150,6 +157,22 @@ def check_interpreted() -> int:
     return len(CPU_CASES)
 
 
+def check_interpreted_fp8() -> None:
+    """An FP8 pool (NaN rows included): the kernels widen each row to q's dtype as they read it, so the
+    output is the float64 attention over the FP8 values themselves, to float32's rounding."""
+    for n, (heads, head_dim, dtype, splits, use_dot, page_size) in enumerate(FP8_CASES):
+        lengths = LENGTHS[n:] + LENGTHS[:n]
+        batch = _batch(lengths, heads, head_dim, dtype, seed=50 + n, page_size=page_size,
+                       kv_dtype=torch.float8_e4m3fn)  # fmt: skip
+        p = triton_decode.plan(
+            len(lengths), *heads, head_dim, max(lengths), device="cpu", page_size=page_size,
+            num_splits=splits, block_n=16, use_dot=use_dot,
+        )  # fmt: skip
+        got = _decode(p, batch)
+        assert got.dtype == dtype
+        _assert_close(got, _reference(batch, head_dim**-0.5), ("fp8", n))
+
+
 def check_interpreted_replay() -> None:
     """One plan and one set of index/output buffers, two batches written into them in turn (a graph replay's
     view): the buffers are larger than the second batch needs, and their unused tail points at a NaN row."""
@@ -179,6 +202,7 @@ def check_interpreted_replay() -> None:
 
 if __name__ == "__main__":
     count = check_interpreted()
+    check_interpreted_fp8()
     check_interpreted_replay()
     print(f"{count} cases equal")
 
@@ -215,6 +239,11 @@ def test_shapes_the_plan_cannot_take_are_refused() -> None:
     batch = _batch([3, 4, 5], (4, 2), 64, torch.float32, seed=0)
     with pytest.raises(ValueError, match="this plan decodes"):
         _decode(p, batch)
+    three = triton_decode.plan(3, 4, 2, 64, 100, device="cpu")
+    with pytest.raises(ValueError, match="or float8_e4m3fn"):
+        three.decode(
+            batch.q, batch.k.half(), batch.v.half(), batch.indptr, batch.indices, 0.1, batch.q.clone()
+        )
     paged = triton_decode.plan(3, 4, 2, 64, 100, device="cpu", page_size=4)
     with pytest.raises(ValueError, match="needs kv_last_page_len"):
         paged.decode(batch.q, batch.k, batch.v, batch.indptr, batch.indices, 0.1, batch.q.clone())
@@ -237,3 +266,20 @@ def test_gpu_kernels_equal_float64_attention(
     got = _decode(p, batch)
     torch.cuda.synchronize()
     _assert_close(got, _reference(batch, 128**-0.5), (heads, use_dot, splits, page_size))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("heads", "splits", "page_size"), [((32, 8), None, 1), ((16, 8), 1, 1), ((8, 2), 5, 16)]
+)
+def test_gpu_kernels_read_an_fp8_pool(heads: tuple[int, int], splits: int | None, page_size: int) -> None:
+    """bf16 queries over FP8 K/V: the float64 attention of the FP8 values, to bf16's rounding."""
+    g = torch.Generator().manual_seed(heads[0] + page_size)
+    lengths = [1, 2000, *torch.randint(1, 1200, (14,), generator=g).tolist()]
+    batch = _batch(lengths, heads, 128, torch.bfloat16, seed=4, page_size=page_size, device="cuda",
+                   kv_dtype=torch.float8_e4m3fn)  # fmt: skip
+    p = triton_decode.plan(len(lengths), *heads, 128, 2000, page_size=page_size, num_splits=splits)
+    got = _decode(p, batch)
+    torch.cuda.synchronize()
+    _assert_close(got, _reference(batch, 128**-0.5), (heads, splits, page_size))

@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from minisgl_cli.engine import fused_rope_store
+from minisgl_cli.engine.kernels import next_pow2
+from minisgl_cli.engine.layers import fp8
 from minisgl_cli.engine.layers.rmsnorm import RMSNorm
 from minisgl_cli.engine.layers.rope import RotaryEmbedding
 
@@ -65,10 +67,11 @@ def _reference(qkv, positions, rope, norms, heads, head_dim, with_norm):  # type
     return q, k, v
 
 
-def _fused(qkv, positions, rope, norms, slots, num_slots, heads, head_dim, with_norm):  # type: ignore[no-untyped-def]
+def _fused(qkv, positions, rope, norms, slots, num_slots, heads, head_dim, with_norm, kv_dtype=None):  # type: ignore[no-untyped-def]
     hq, hk = heads
     k_cache = torch.full((num_slots, hk, head_dim), float("nan"), dtype=qkv.dtype, device=qkv.device)
-    v_cache = torch.full_like(k_cache, float("nan"))
+    k_cache = k_cache.to(kv_dtype or qkv.dtype)  # (FP8 has no fill kernel)
+    v_cache = k_cache.clone()
     norm = (norms[0].weight, norms[1].weight, norms[0].eps) if with_norm else None
     q = fused_rope_store.qkv_rope_store(
         qkv, positions, rope.cos_sin, num_heads=hq, num_kv_heads=hk, head_dim=head_dim,
@@ -107,6 +110,40 @@ def check_interpreted() -> None:
                     # weight multiply.
                     limit = 1e-6 if dtype == torch.float32 else 2e-3
                     assert _rel(g, w) < limit, (with_norm, heads, head_dim, dtype, _rel(g, w))
+
+
+def _fp8_equal_but_carries(got: torch.Tensor, exact: torch.Tensor) -> None:
+    """`got` (FP8) equals `exact` rounded to e4m3 (saturated at 448), except where Triton 3.9's interpreter
+    rounds wrongly: a rounding that carries into the next power of two (1.95 -> 1.0, not 2.0) and subnormals
+    (below 2^-6). The GPU rounds those right: test_gpu_fp8_store_equals_the_pool_store checks every value."""
+    from minisgl_cli.engine.layers.fp8 import FP8, FP8_MAX
+
+    want = exact.clamp(-FP8_MAX, FP8_MAX).to(FP8).float()
+    mag = want.abs()
+    carries = (mag > exact.abs()) & (torch.frexp(mag).mantissa == 0.5)
+    skip = carries | ((mag < 2**-6) & (exact != 0))
+    assert torch.equal(got.float()[~skip], want[~skip]) and skip.float().mean() < 0.15
+
+
+def check_interpreted_fp8_store() -> None:
+    """FP8 caches: k and v land as KVPool.store writes them (saturated at 448, rounded to e4m3), q as
+    before. One token is scaled past 448 so the saturation shows."""
+    from minisgl_cli.engine.layers.fp8 import FP8, FP8_MAX
+
+    for with_norm in (False, True):
+        heads, head_dim = (4, 2), 64
+        qkv, positions, rope, norms, slots, num_slots = _case(
+            torch.float32, "cpu", heads, head_dim, 7, seed=9
+        )
+        qkv[0] *= 1000
+        q_want, k_want, v_want = _reference(qkv, positions, rope, norms, heads, head_dim, with_norm)
+        q, k, v = _fused(
+            qkv, positions, rope, norms, slots, num_slots, heads, head_dim, with_norm, kv_dtype=FP8
+        )
+        assert k.dtype == FP8 and v.dtype == FP8 and float(v.float().abs().max()) == FP8_MAX
+        _fp8_equal_but_carries(v, v_want)
+        _fp8_equal_but_carries(k, k_want)  # (with the norm: 4e-8 apart before rounding, none crosses here)
+        assert torch.equal(q, q_want) if not with_norm else _rel(q, q_want) < 1e-6
 
 
 def check_interpreted_silu_and_sampling() -> None:
@@ -181,6 +218,29 @@ def test_gpu_kernel_equals_the_unfused_kernels(
         assert _rel(g, w) < (1e-3 if with_norm else 2e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_gpu_fp8_store_equals_the_pool_store(with_norm: bool) -> None:
+    """Into an FP8 cache the kernel writes what KVPool.store writes for the unfused k and v (the bf16
+    values saturated and rounded to e4m3), up to the norm's last-bit differences."""
+    from minisgl_cli.engine.layers.fp8 import FP8, FP8_MAX
+
+    heads, head_dim = (32, 8), 128
+    qkv, positions, rope, norms, slots, num_slots = _case(
+        torch.bfloat16, "cuda", heads, head_dim, 300, seed=2
+    )
+    qkv[0] *= 1000
+    q_want, k_want, v_want = _reference(qkv, positions, rope, norms, heads, head_dim, with_norm)
+    q, k, v = _fused(qkv, positions, rope, norms, slots, num_slots, heads, head_dim, with_norm, kv_dtype=FP8)
+    assert torch.equal(v.float(), v_want.float().clamp(-FP8_MAX, FP8_MAX).to(FP8).float())
+    k_fp8 = k_want.float().clamp(-FP8_MAX, FP8_MAX).to(FP8).float()
+    if with_norm:
+        assert _rel(k.float(), k_fp8) < 2e-2 and _rel(q, q_want) < 1e-3
+    else:
+        assert torch.equal(k.float(), k_fp8) and _rel(q, q_want) < 2e-5
+
+
 def check_interpreted_gemv() -> None:
     """Shapes with a ragged last block of rows and of K, with and without a bias, against float64."""
     from minisgl_cli.engine.layers.gemv import gemv
@@ -194,12 +254,34 @@ def check_interpreted_gemv() -> None:
         got = gemv(x, w, b, block_k=block_k)
         assert got.shape == (1, n) and got.dtype == torch.float32
         assert float((got.double() - want).abs().max()) < 1e-4 * k**0.5
+        # An FP8 weight with its row scales: the same sum over the FP8 values, scaled once per row.
+        q, scale = fp8.quantize_rows(w)
+        want = x.double() @ (q.double() * scale.double()[:, None]).T + (0 if b is None else b.double())
+        got = gemv(x, q, b, block_k=block_k, scale=scale)
+        assert float((got.double() - want).abs().max()) < 1e-4 * k**0.5
+
+
+def check_interpreted_token_quantization() -> None:
+    """The Triton per-token quantization against the torch expression it replaces: the same float32
+    arithmetic, so the same scales and FP8 values (a zero row and rows longer than one block included)."""
+    g = torch.Generator().manual_seed(6)
+    for m, k in ((3, 300), (2, 5000)):
+        x = torch.randn(m, k, generator=g) * 10
+        x[0] = 0
+        _, want_scale = fp8.quantize_tokens(x)  # the CPU path: torch
+        q = torch.empty(m, k, dtype=fp8.FP8)
+        scale = torch.empty(m, 1)
+        fp8._quantize_kernel()[(m,)](x, q, scale, k, x.stride(0), BLOCK=min(next_pow2(k), 4096))
+        assert torch.equal(scale, want_scale)
+        _fp8_equal_but_carries(q, x / scale)
 
 
 if __name__ == "__main__":
     check_interpreted()
+    check_interpreted_fp8_store()
     check_interpreted_silu_and_sampling()
     check_interpreted_gemv()
+    check_interpreted_token_quantization()
     print(f"{len(CPU_CASES)} cases equal")
 
 

@@ -19,6 +19,7 @@ import functools
 import torch
 
 from minisgl_cli.engine.kernels import have_triton, use_kernels
+from minisgl_cli.engine.layers.fp8 import FP8
 
 
 @functools.cache
@@ -46,17 +47,24 @@ def _kernel():  # type: ignore[no-untyped-def]
         HK: tl.constexpr,
         D: tl.constexpr,
         HAS_NORM: tl.constexpr,
+        KV_FP8: tl.constexpr,
     ):
         t = tl.program_id(0)
         h = tl.program_id(1)  # q heads, then k heads, then v heads
         half = tl.arange(0, D // 2)
         src = qkv_ptr + t.to(tl.int64) * qkv_stride + h * D
         out_ty = q_out_ptr.dtype.element_ty
-        if h >= HQ + HK:  # v: copied into its slot as it is
+        kv_ty = k_cache_ptr.dtype.element_ty
+        if h >= HQ + HK:  # v: copied into its slot as it is (FP8: saturated and rounded)
             slot = tl.load(slots_ptr + t)
             dst = v_cache_ptr + slot * (HK * D) + (h - HQ - HK) * D
-            tl.store(dst + half, tl.load(src + half))
-            tl.store(dst + D // 2 + half, tl.load(src + D // 2 + half))
+            v1 = tl.load(src + half)
+            v2 = tl.load(src + D // 2 + half)
+            if KV_FP8:  # e4m3fn has no infinity: past 448 (its largest finite value) would round to NaN
+                v1 = tl.clamp(v1.to(tl.float32), -448.0, 448.0).to(kv_ty)
+                v2 = tl.clamp(v2.to(tl.float32), -448.0, 448.0).to(kv_ty)
+            tl.store(dst + half, v1)
+            tl.store(dst + D // 2 + half, v2)
         else:
             x1 = tl.load(src + half).to(tl.float32)
             x2 = tl.load(src + D // 2 + half).to(tl.float32)
@@ -80,6 +88,9 @@ def _kernel():  # type: ignore[no-untyped-def]
             else:
                 slot = tl.load(slots_ptr + t)
                 dst = k_cache_ptr + slot * (HK * D) + (h - HQ) * D
+                if KV_FP8:  # k rounded to the activation dtype first, as the unfused store sees it
+                    o1 = tl.clamp(o1.to(tl.float32), -448.0, 448.0).to(kv_ty)
+                    o2 = tl.clamp(o2.to(tl.float32), -448.0, 448.0).to(kv_ty)
             tl.store(dst + half, o1)
             tl.store(dst + D // 2 + half, o2)
 
@@ -89,9 +100,9 @@ def _kernel():  # type: ignore[no-untyped-def]
 def can_fuse(qkv: torch.Tensor, head_dim: int, kv_dtype: torch.dtype) -> bool:
     """Whether the fused kernel serves this projection output: where the other fused kernels run (CUDA,
     half precision, kernels not turned off), Triton is there, heads are a power of two wide and the KV pool
-    holds the activations' dtype."""
+    holds the activations' dtype or FP8."""
     pow2 = head_dim >= 2 and head_dim & (head_dim - 1) == 0
-    return pow2 and kv_dtype == qkv.dtype and use_kernels(qkv) and have_triton()
+    return pow2 and kv_dtype in (qkv.dtype, FP8) and use_kernels(qkv) and have_triton()
 
 
 def qkv_rope_store(
@@ -109,15 +120,16 @@ def qkv_rope_store(
 ) -> torch.Tensor:
     """q [T, num_heads, head_dim], normed (when `q_norm` = (q weight, k weight, eps)) and rotated, from qkv
     [T, (num_heads + 2 * num_kv_heads) * head_dim]; k (normed, rotated) and v are written to `k_cache` and
-    `v_cache` [num_slots, num_kv_heads, head_dim] at `slots` [T]. positions [T] index cos_sin
+    `v_cache` [num_slots, num_kv_heads, head_dim] at `slots` [T], in the caches' dtype (qkv's, or FP8
+    unscaled and saturated at 448 as KVPool.store writes it). positions [T] index cos_sin
     [max_positions, head_dim] (cos | sin, float32)."""
     tokens = qkv.shape[0]
     if qkv.stride(1) != 1 or head_dim < 2 or head_dim & (head_dim - 1):
         raise ValueError("qkv_rope_store needs a row-major qkv and a power-of-two head_dim")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and cos_sin.is_contiguous()):
         raise ValueError("qkv_rope_store needs contiguous K/V caches and rope table")
-    if k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype:
-        raise ValueError("qkv_rope_store writes the activations' dtype: the K/V caches must hold it")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (qkv.dtype, FP8):
+        raise ValueError("qkv_rope_store writes the activations' dtype or FP8: the K/V caches must hold it")
     q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if tokens == 0:
         return q
@@ -138,6 +150,7 @@ def qkv_rope_store(
         HK=num_kv_heads,
         D=head_dim,
         HAS_NORM=q_norm is not None,
+        KV_FP8=k_cache.dtype == FP8,
         num_warps=1,
     )
     return q

@@ -105,6 +105,7 @@ class ModelRunner:
             page_size=page_size,
             prefill_kernel=prefill_kernel,
             decode_kernel=decode_kernel,
+            dtype=dtype,
         )
         self.graphs = self._capture_graphs(min(cuda_graph_max_bs, max_running_requests), max_context_len)
         if device.type == "cuda":

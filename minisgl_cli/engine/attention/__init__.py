@@ -42,16 +42,18 @@ def create_backend(
     page_size: int,
     prefill_kernel: str = "auto",
     decode_kernel: str = "auto",
+    dtype: torch.dtype | None = None,
 ) -> AttentionBackend:
-    """The backend (or prefill/decode pair) called `name`."""
-    if kv_pool.dtype == torch.float8_e4m3fn and kv_pool.device.type == "cuda" and name != "torch":
-        # FlashInfer reads FP8 pages through kernel variants of its own that are not wired in yet; "auto"
-        # would quietly fall back to the slow reference backend, so the user chooses it.
-        raise UsageError(
-            "--kv-cache-dtype fp8_e4m3 is read by the torch attention backend only so far: on a GPU add "
-            "--attention-backend torch (a reference path, not a fast one), or keep --kv-cache-dtype auto"
-        )
-    prefill, decode = resolve_backend_names(name, kv_pool.device, kv_pool.dtype)
+    """The backend (or prefill/decode pair) called `name`, for activations of `dtype` (default: the pool's;
+    an FP8 pool holds a bf16/fp16 model's K/V)."""
+    dtype = kv_pool.dtype if dtype is None else dtype
+    prefill, decode = resolve_backend_names(name, kv_pool.device, dtype)
+    if kv_pool.dtype == torch.float8_e4m3fn and decode == "flashinfer":
+        from minisgl_cli.engine.attention.flashinfer_backend import fp8_decode_refusal
+
+        refusal = fp8_decode_refusal(decode_kernel)
+        if refusal is not None:
+            raise UsageError(refusal)
     made: dict[str, AttentionBackend] = {}
 
     def make(kind: str) -> AttentionBackend:
@@ -71,6 +73,7 @@ def create_backend(
                     page_size=page_size,
                     prefill_kernel=prefill_kernel,
                     decode_kernel=decode_kernel,
+                    dtype=dtype,
                 )
         return made[kind]
 

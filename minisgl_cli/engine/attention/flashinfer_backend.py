@@ -17,6 +17,8 @@ Per step, `prepare` plans one wrapper, shared by every layer:
     fixed addresses; `prepare_replay` re-plans it before every replay (planning is host work, outside the
     graph). The Triton kernel's launch shape is fixed per batch size too and reads lengths and page ids
     from device buffers, so a replay only copies new ones into the same buffers.
+An FP8 KV cache (--kv-cache-dtype fp8_e4m3) decodes through the Triton kernel, which widens the rows as it
+reads them; a prefill step gathers its pages into a bf16/fp16 buffer per layer for FlashInfer's prefill kernel.
 Planning reads lengths from the host copies in ForwardBatch; the page ids are gathered on the device from
 the page table, so nothing here waits for the GPU.
 """
@@ -34,6 +36,7 @@ from minisgl_cli.engine.kernels import flashinfer, have_triton
 from minisgl_cli.engine.kv.allocator import PADDING_PAGE
 from minisgl_cli.engine.kv.page_table import PageTable
 from minisgl_cli.engine.kv.pool import KVPool
+from minisgl_cli.engine.layers.fp8 import FP8
 from minisgl_cli.errors import MinisglError
 
 # Scratch for split-KV partial results, shared by all wrappers (one runs at a time); FlashInfer
@@ -44,6 +47,18 @@ DECODE_KERNELS = ("auto", "tensor-cores", "cuda-cores", "triton")
 # Without Triton, "auto" decodes on FlashInfer's tensor cores from this many query heads per KV head (the
 # group then fills the MMA tiles; SGLang's rule), else on its CUDA cores.
 TENSOR_CORE_MIN_GROUP = 4
+
+
+def fp8_decode_refusal(decode_kernel: str) -> str | None:
+    """Why an FP8 KV cache cannot decode with `decode_kernel` (None: it can). FlashInfer's FP8 decode
+    variants are not in the prebuilt set (each would JIT-compile for minutes); the Triton kernel widens FP8
+    rows as it reads them."""
+    if decode_kernel in ("auto", "triton") and have_triton():
+        return None
+    return (
+        f"--kv-cache-dtype fp8_e4m3 decodes with the Triton kernel: use --decode-kernel auto or triton, not "
+        f"{decode_kernel}" + ("" if have_triton() else " (and install triton)")
+    )
 
 
 class FlashInferBackend(AttentionBackend):
@@ -57,6 +72,7 @@ class FlashInferBackend(AttentionBackend):
         page_size: int,
         prefill_kernel: str = "auto",
         decode_kernel: str = "auto",
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(kv_pool, page_table, num_heads=num_heads, head_dim=head_dim)
         fi = flashinfer()
@@ -65,10 +81,11 @@ class FlashInferBackend(AttentionBackend):
                 "the flashinfer attention backend needs FlashInfer and a CUDA GPU: install minisgl[gpu], "
                 "or use --attention-backend torch"
             )
-        if kv_pool.dtype not in (torch.bfloat16, torch.float16):
+        dtype = kv_pool.dtype if dtype is None else dtype
+        if dtype not in (torch.bfloat16, torch.float16) or kv_pool.dtype not in (dtype, FP8):
             raise MinisglError(
-                f"the flashinfer attention backend runs bfloat16 or float16, not {kv_pool.dtype}: "
-                "use --dtype bfloat16, or --attention-backend torch"
+                f"the flashinfer attention backend runs bfloat16 or float16 (K/V also FP8), not {dtype} "
+                f"with a {kv_pool.dtype} KV cache: use --dtype bfloat16, or --attention-backend torch"
             )
         if prefill_kernel not in PREFILL_KERNELS:
             raise MinisglError(f"unknown FlashInfer prefill kernel {prefill_kernel!r}")
@@ -80,6 +97,9 @@ class FlashInferBackend(AttentionBackend):
             decode_kernel = "triton" if have_triton() else fallback
         if decode_kernel == "triton" and not have_triton():
             raise MinisglError("--decode-kernel triton needs the triton package")
+        self.fp8_kv = kv_pool.dtype == FP8
+        if self.fp8_kv and decode_kernel != "triton":
+            raise MinisglError(fp8_decode_refusal(decode_kernel))
         self.decode_kernel = decode_kernel
         self.tensor_cores = decode_kernel == "tensor-cores"
         self._fi = fi
@@ -87,7 +107,9 @@ class FlashInferBackend(AttentionBackend):
         self.num_kv_heads = kv_pool.num_kv_heads
         # What every plan() call repeats: the problem's shape (positional in both wrappers) and dtypes.
         self._dims = (num_heads, self.num_kv_heads, head_dim, page_size)
-        self._types = {"sm_scale": self.scale, "q_data_type": kv_pool.dtype, "kv_data_type": kv_pool.dtype}
+        # An FP8 pool's prefill reads bf16/fp16 copies of the step's pages (`_widened`), so both are `dtype`.
+        self.dtype = dtype
+        self._types = {"sm_scale": self.scale, "q_data_type": dtype, "kv_data_type": dtype}
         self.device = kv_pool.device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.prefill_wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(
@@ -105,6 +127,7 @@ class FlashInferBackend(AttentionBackend):
         self._graph_indptr: dict[int, torch.Tensor] = {}
         self._triton: tuple[triton_decode.DecodePlan, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._last_len: torch.Tensor | None = None  # [B] on the device, read with pages above 1 slot
+        self._fp8_pages: torch.Tensor | None = None  # an FP8 prefill step's page ids [total], int64
 
     # ---- per step
 
@@ -121,6 +144,10 @@ class FlashInferBackend(AttentionBackend):
             self._active = self.decode_wrapper
             return
         qo_indptr = torch.tensor([0, *accumulate(batch.extend_lens_cpu)], dtype=torch.int32)
+        if self.fp8_kv:
+            # The prefill kernel reads the step's pages widened into a buffer of their own, in order.
+            self._fp8_pages = indices.long()
+            indices = torch.arange(indices.numel(), dtype=torch.int32, device=self.device)
         self.prefill_wrapper.plan(
             qo_indptr, indptr, indices, last_len, *self._dims, causal=True, **self._types
         )
@@ -136,7 +163,16 @@ class FlashInferBackend(AttentionBackend):
             return plan.decode(q, k, v, indptr, indices, self.scale, out, self._last_len, order)
         shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)
         kv = (self.kv_pool.k(layer_id).view(shape), self.kv_pool.v(layer_id).view(shape))
+        if self.fp8_kv:
+            kv = (self._widened(kv[0]), self._widened(kv[1]))
         return self._active.run(q.contiguous(), kv)  # type: ignore[attr-defined]
+
+    def _widened(self, pages: torch.Tensor) -> torch.Tensor:
+        """The step's pages of an FP8 cache, gathered and widened to the activation dtype: FlashInfer's FP8
+        prefill variants are not prebuilt, and the copy (a few MB a layer) is small beside a prefill's
+        GEMMs. The gather goes through the bytes: FP8 tensors have no indexing kernels."""
+        assert self._fp8_pages is not None
+        return pages.view(torch.uint8)[self._fp8_pages].view(FP8).to(self.dtype)
 
     # ---- CUDA graphs
 

@@ -85,6 +85,7 @@ def _kernels():  # type: ignore[no-untyped-def]
         DOT_F32: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         ORDERED: tl.constexpr,
+        KV_FP8: tl.constexpr,
     ):
         # KV heads vary fastest over the grid, then sequences: blocks start roughly in grid order, so with
         # `order` (sequences longest first) the long programs start first and the short ones fill in
@@ -131,6 +132,8 @@ def _kernels():  # type: ignore[no-untyped-def]
             # A pool of millions of slots times Hk * D elements overflows int32 offsets.
             slot = slot.to(tl.int64)
             k = tl.load(k_head + slot[:, None] * stride_kn + d[None, :], mask=ok[:, None], other=0.0)
+            if KV_FP8:  # stored unscaled (a scale of 1): widened to q's type, the MMA takes one type
+                k = k.to(q_ptr.dtype.element_ty)
             if USE_DOT:
                 if DOT_F32:
                     k = k.to(tl.float32)
@@ -145,6 +148,8 @@ def _kernels():  # type: ignore[no-untyped-def]
             l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
             # Masked: a NaN in a row past the end would survive its zero weight.
             v = tl.load(v_head + slot[:, None] * stride_vn + d[None, :], mask=ok[:, None], other=0.0)
+            if KV_FP8:
+                v = v.to(q_ptr.dtype.element_ty)
             if USE_DOT:
                 # The weights in V's dtype, as FlashAttention does: the MMA takes two operands of one type.
                 p = p.to(v.dtype)
@@ -237,7 +242,7 @@ class DecodePlan:
         order: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """out [B, Hq, D] = softmax(q k^T * sm_scale) v per sequence, for q [B, Hq, D] and one layer's
-        k, v [num_slots, Hk, D]. Sequence i reads the pages kv_indices[kv_indptr[i]:kv_indptr[i + 1]]
+        k, v [num_slots, Hk, D] (q's dtype, or float8_e4m3fn holding the values unscaled). Sequence i reads the pages kv_indices[kv_indptr[i]:kv_indptr[i + 1]]
         (int32, on q's device; with page size 1 they are the slots), the last one holding
         kv_last_page_len[i] tokens when pages are larger. Query head j attends with KV head j // G. A
         sequence with no tokens gets zeros. Returns `out`. `order` (int32 [B], a permutation of the
@@ -258,6 +263,10 @@ class DecodePlan:
             )
         if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or out.stride(2) != 1:
             raise ValueError("q, k, v and out need contiguous heads (a last stride of 1)")
+        if k.dtype != v.dtype or k.dtype not in (q.dtype, torch.float8_e4m3fn):
+            raise ValueError(
+                f"k and v must both be q's dtype ({q.dtype}) or float8_e4m3fn, got {k.dtype}, {v.dtype}"
+            )
         if kv_indptr.dtype != torch.int32 or kv_indices.dtype != torch.int32:
             raise ValueError("kv_indptr and kv_indices must be int32")
         if self.page_size > 1:
@@ -298,6 +307,7 @@ class DecodePlan:
             BLOCK_N=self.block_n,
             USE_DOT=self.use_dot,
             ORDERED=order is not None,
+            KV_FP8=k.dtype == torch.float8_e4m3fn,
             # The interpreter (CPU tensors) multiplies bfloat16 operands of tl.dot as their integer bits: it
             # gets float32 operands holding the same values, so it computes what the GPU's MMA does.
             DOT_F32=not q.is_cuda,

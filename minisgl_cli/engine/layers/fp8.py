@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisgl_cli.engine.kernels import have_triton, next_pow2, use_kernels
+from minisgl_cli.engine.layers import gemv
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 _TINY = 1e-12  # an all-zero row's scale: any positive number keeps 0 / scale = 0
@@ -59,21 +62,66 @@ def _scaled_mm_serves(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+@functools.cache
+def _quantize_kernel():  # type: ignore[no-untyped-def]
+    """Built on first use, so importing this module never imports Triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quantize_tokens(x_ptr, q_ptr, scale_ptr, K, stride_x, BLOCK: tl.constexpr):
+        # One program a token: its largest magnitude, then the row divided by its scale. Two passes over a
+        # row of a few KB, the second from L2; one launch where the torch expression takes five.
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        peak = tl.zeros([BLOCK], tl.float32)
+        for k in range(0, K, BLOCK):
+            x = tl.load(x_ptr + t * stride_x + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
+            peak = tl.maximum(peak, tl.abs(x))
+        scale = tl.maximum(tl.max(peak, axis=0) / 448.0, 1e-12)  # FP8_MAX and _TINY
+        tl.store(scale_ptr + t, scale)
+        for k in range(0, K, BLOCK):
+            ok = k + cols < K
+            x = tl.load(x_ptr + t * stride_x + k + cols, mask=ok, other=0.0).to(tl.float32)
+            q = tl.clamp(x / scale, -448.0, 448.0)
+            tl.store(q_ptr + t * K + k + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
+
+    return quantize_tokens
+
+
+def quantize_tokens(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [M, K] -> (FP8 [M, K], float32 scales [M, 1]), one scale per token (its largest magnitude maps to
+    448): a Triton kernel where kernels run, the same arithmetic in torch elsewhere."""
+    m, k = rows.shape
+    if use_kernels(rows) and have_triton() and rows.stride(1) == 1:
+        q = torch.empty(m, k, dtype=FP8, device=rows.device)
+        scale = torch.empty(m, 1, dtype=torch.float32, device=rows.device)
+        if m:
+            _quantize_kernel()[(m,)](rows, q, scale, k, rows.stride(0), BLOCK=min(next_pow2(k), 4096))
+        return q, scale
+    scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=_TINY)
+    return (rows.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
 def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x [..., K] @ (FP8 weight [N, K] * scale[N])^T (+ bias), in x's dtype."""
+    """x [..., K] @ (FP8 weight [N, K] * scale[N])^T (+ bias), in x's dtype.
+
+    One token on a GPU (a batch-1 decode step) goes through the Triton GEMV, which widens the FP8 rows as it
+    streams them and applies each row's scale to its sum: the weight is read once at half bf16's bytes, and
+    the activations stay unquantized. More tokens go through torch._scaled_mm on FP8 tensor cores."""
     n, k = weight.shape
+    if gemv.serves_fp8(x, weight):
+        return gemv.gemv(x, weight, bias, scale=scale)
     if (
         _scaled_mm_serves(x.device)
         and x.dtype == torch.bfloat16  # row-wise scales in _scaled_mm: bf16 out, dims in 16s
         and n % 16 == 0
         and k % 16 == 0
     ):
-        rows = x.reshape(-1, k)
         # Each token's own scale (dynamic, per token), so one large activation does not flatten the rest.
-        x_scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=_TINY)
-        x_q = (rows.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        x_q, x_scale = quantize_tokens(x.reshape(-1, k))
         out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=scale.view(1, n), out_dtype=x.dtype)
         if bias is not None:
             out = out + bias

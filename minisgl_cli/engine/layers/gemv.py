@@ -41,8 +41,8 @@ def _kernel():  # type: ignore[no-untyped-def]
     import triton.language as tl
 
     @triton.jit
-    def gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr):  # fmt: skip
+    def gemv(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, N, K, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
@@ -55,6 +55,8 @@ def _kernel():  # type: ignore[no-untyped-def]
             w = tl.load(w_rows + k + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
+        if HAS_SCALE:  # an FP8 weight's scale per row, applied once to the row's sum
+            y *= tl.load(s_ptr + rows, mask=row_ok, other=0.0)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -63,12 +65,16 @@ def _kernel():  # type: ignore[no-untyped-def]
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, block_n: int | None = None,
-         block_k: int = BLOCK_K, num_warps: int = NUM_WARPS) -> torch.Tensor:  # fmt: skip
-    """x [1, K] @ weight [N, K]^T (+ bias) through the Triton kernel; the launch shape can be overridden
+         block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+         scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """x [1, K] @ weight [N, K]^T (+ bias) through the Triton kernel; with `scale` [N] (float32) the weight
+    is FP8 and row r stands for weight[r] * scale[r] (layers/fp8.py). The launch shape can be overridden
     (scripts/gemv_bench.py sweeps it)."""
     n, k = weight.shape
     if block_n is None:
         block_n = BLOCK_N if n >= SMALL_N else SMALL_BLOCK_N
+    if scale is not None and scale.shape != (n,):
+        raise ValueError(f"gemv's scale is one float32 per weight row: [{n}], got {tuple(scale.shape)}")
     if x.shape != (1, k) or not (x.is_contiguous() and weight.is_contiguous()):
         raise ValueError(
             f"gemv takes one contiguous row of {k} and a contiguous [N, {k}] weight, got {tuple(x.shape)}"
@@ -79,10 +85,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x,
         weight,
         b,
+        weight if scale is None else scale,
         out,
         n,
         k,
         HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,
@@ -100,6 +108,20 @@ def serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and use_kernels(x)
         and have_triton()
         and weight.dtype == x.dtype
+        and weight.is_contiguous()
+        and x.is_contiguous()
+    )
+
+
+def serves_fp8(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel takes this FP8 weight's call: one row on CUDA in half precision, any shape (the
+    alternative, torch._scaled_mm, would first quantize the row, and at one row streams no faster)."""
+    return (
+        x.dim() == 2
+        and x.shape[0] == 1
+        and weight.dtype == torch.float8_e4m3fn
+        and use_kernels(x)
+        and have_triton()
         and weight.is_contiguous()
         and x.is_contiguous()
     )
