@@ -85,14 +85,17 @@ def _kernel():  # type: ignore[no-untyped-def]
             o2 = (x2 * cos + x1 * sin).to(out_ty)
             if h < HQ:
                 dst = q_out_ptr + t.to(tl.int64) * (HQ * D) + h * D
+                tl.store(dst + half, o1)
+                tl.store(dst + D // 2 + half, o2)
             else:
                 slot = tl.load(slots_ptr + t)
                 dst = k_cache_ptr + slot * (HK * D) + (h - HQ) * D
                 if KV_FP8:  # k rounded to the activation dtype first, as the unfused store sees it
-                    o1 = tl.clamp(o1.to(tl.float32), -448.0, 448.0).to(kv_ty)
-                    o2 = tl.clamp(o2.to(tl.float32), -448.0, 448.0).to(kv_ty)
-            tl.store(dst + half, o1)
-            tl.store(dst + D // 2 + half, o2)
+                    tl.store(dst + half, tl.clamp(o1.to(tl.float32), -448.0, 448.0).to(kv_ty))
+                    tl.store(dst + D // 2 + half, tl.clamp(o2.to(tl.float32), -448.0, 448.0).to(kv_ty))
+                else:
+                    tl.store(dst + half, o1)
+                    tl.store(dst + D // 2 + half, o2)
 
     return qkv_rope_store
 
